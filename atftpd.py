@@ -1,0 +1,2008 @@
+#!/usr/bin/env python3
+"""atftpd.py: a TFTP server in one file that can generate missing files on demand.
+
+A drop-in replacement for atftpd 0.8 (same command line, same protocol choices
+where clients depend on them), written for the Python standard library alone so
+that it runs on OpenWrt's python3-light as well as on a PXE boot server.
+
+Protocols: RFC 1350 (TFTP, octet and netascii, reads and writes), RFC 2347
+(option negotiation), RFC 2348 (blksize), RFC 2349 (timeout, tsize) and
+RFC 7440 (windowsize). Block numbers roll over past 65535, so any file size
+works.
+
+The content generator. When a read request names a file that does not exist
+under the root, and --content-generator is set, the server opens an anonymous
+temporary file and runs
+
+    GENERATOR --file <root>/<requested name>
+
+with that file on descriptor 3. Exit status 0 and at least one byte written:
+the bytes are served (tsize is known). Anything else: "File not found". Facts
+about the request are passed in TFTP_* environment variables, never in argv.
+
+Design. One thread, one selector, an explicit table of transfers. Every
+transfer has its own socket (its own TID), bound to the address the request
+arrived on, and a deadline instead of a thread or a timer object. The event
+loop waits only in select(): signals and child exits arrive through
+signal.set_wakeup_fd, generators run as child processes whose exit wakes the
+loop, files are read one block at a time.
+
+A read transfer:
+
+    GENERATING --(content ready)--> OACK_SENT --(ACK 0)--> SENDING
+         |                 \\__(no options acknowledged)__/     |
+         +--(generator failed: ERROR 1)             (final ACK) +--> DONE
+
+Licence: GPL-2.0-or-later, like atftpd.
+"""
+
+import argparse
+import errno
+import grp
+import os
+import pwd
+import selectors
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import syslog
+import tempfile
+import time
+
+__version__ = '0.1.0'
+
+###############################################################################
+# Protocol constants ##########################################################
+###############################################################################
+
+OP_RRQ, OP_WRQ, OP_DATA, OP_ACK, OP_ERROR, OP_OACK = 1, 2, 3, 4, 5, 6
+
+ERR_UNDEFINED = 0       # RFC 1350
+ERR_NOT_FOUND = 1       # RFC 1350
+ERR_ACCESS = 2          # RFC 1350
+ERR_DISK_FULL = 3       # RFC 1350
+ERR_ILLEGAL_OP = 4      # RFC 1350
+ERR_UNKNOWN_TID = 5     # RFC 1350
+ERR_FILE_EXISTS = 6     # RFC 1350
+ERR_NO_USER = 7         # RFC 1350
+ERR_BAD_OPTION = 8      # RFC 2347
+
+ERROR_TEXT = {
+    ERR_UNDEFINED: 'Undefined error',
+    ERR_NOT_FOUND: 'File not found',
+    ERR_ACCESS: 'Access violation',
+    ERR_DISK_FULL: 'Disk full or allocation exceeded',
+    ERR_ILLEGAL_OP: 'Illegal TFTP operation',
+    ERR_UNKNOWN_TID: 'Unknown transfer ID',
+    ERR_FILE_EXISTS: 'File already exists',
+    ERR_NO_USER: 'No such user',
+    ERR_BAD_OPTION: 'Option negotiation failed',
+}
+
+DEFAULT_BLKSIZE = 512           # RFC 1350
+MIN_BLKSIZE = 8                 # RFC 2348
+MAX_BLKSIZE = 65464             # RFC 2348: 65535 - 20 (IP) - 8 (UDP) - 4 (TFTP)
+MIN_TIMEOUT, MAX_TIMEOUT = 1, 255          # RFC 2349
+MIN_WINDOWSIZE, MAX_WINDOWSIZE = 1, 65535  # RFC 7440
+MAX_DATAGRAM = 65536
+RETRIES = 5                     # atftpd's NB_OF_RETRY
+MAX_OPTION_DIGITS = 20          # longer numbers are garbage, not sizes
+
+# tsize in netascii is the converted size, which means reading the file once
+# to count line ends; above this size tsize is left out instead.
+NETASCII_TSIZE_LIMIT = 1 << 20
+
+HEADER = struct.Struct('!HH')   # opcode + block number (or error code)
+
+###############################################################################
+# Logging #####################################################################
+###############################################################################
+
+# Levels are syslog priorities, so atftpd's --verbose=N maps one to one.
+LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO, LOG_DEBUG = 3, 4, 5, 6, 7
+
+
+def escape(text):
+    """Make a string from the network safe to log: printable ASCII, no newlines."""
+    if isinstance(text, bytes):
+        text = text.decode('latin-1')
+    out = ascii(text)[1:-1]
+    return out if len(out) <= 256 else out[:256] + '...'
+
+
+class Log:
+    """A tiny logger: syslog, a file, or stdout ('-'). No `logging` module on
+    python3-light, and atftpd's three sinks are all we need."""
+
+    def __init__(self, level=LOG_NOTICE, logfile=None, trace=False):
+        self.level = level
+        self.trace = trace
+        self.logfile = logfile
+        self.stream = None
+        self.host = socket.gethostname().split('.')[0]
+        self.open()
+
+    def open(self):
+        """Open (or reopen, on SIGHUP) the sink."""
+        self.close()
+        if self.logfile == '-':
+            self.stream = sys.stdout
+        elif self.logfile:
+            self.stream = open(self.logfile, 'a', buffering=1, errors='replace')
+            os.set_inheritable(self.stream.fileno(), False)
+        else:
+            syslog.openlog('atftpd', syslog.LOG_PID, syslog.LOG_DAEMON)
+
+    def close(self):
+        if self.stream is not None and self.stream is not sys.stdout:
+            self.stream.close()
+        self.stream = None
+
+    def log(self, level, fmt, *args):
+        if level > self.level:
+            return
+        message = fmt % args if args else fmt
+        if self.stream is None:
+            syslog.syslog(level, message)
+            return
+        stamp = time.strftime('%b %d %H:%M:%S')
+        try:
+            self.stream.write('%s %s atftpd[%d]: %s\n' % (stamp, self.host, os.getpid(), message))
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # A full disk or a closed stdout must not stop the server.
+
+    def error(self, fmt, *args):
+        self.log(LOG_ERR, fmt, *args)
+
+    def warning(self, fmt, *args):
+        self.log(LOG_WARNING, fmt, *args)
+
+    def notice(self, fmt, *args):
+        self.log(LOG_NOTICE, fmt, *args)
+
+    def info(self, fmt, *args):
+        self.log(LOG_INFO, fmt, *args)
+
+    def debug(self, fmt, *args):
+        self.log(LOG_DEBUG, fmt, *args)
+
+    def packet(self, fmt, *args):
+        """Per-packet lines: only with --trace, whatever the level."""
+        if self.trace:
+            self.log(min(self.level, LOG_DEBUG), fmt, *args)
+
+
+###############################################################################
+# Packet codec ################################################################
+###############################################################################
+
+# On the wire (busybox's comment style):
+#   RRQ   00 01 "pxelinux.0" 00 "octet" 00 "blksize" 00 "1428" 00 "tsize" 00 "0" 00
+#   OACK  00 06 "blksize" 00 "1428" 00 "tsize" 00 "26758" 00
+#   ACK   00 04 00 00                 (acknowledges the OACK)
+#   DATA  00 03 00 01 <1428 bytes>    ... the last block is shorter, maybe empty
+#   ERROR 00 05 00 01 "File not found" 00
+
+
+class PacketError(Exception):
+    """A malformed or unacceptable packet; `code` is the TFTP error to answer."""
+
+    def __init__(self, code, message):
+        Exception.__init__(self, message)
+        self.code = code
+        self.message = message
+
+
+class Request:
+    """A parsed RRQ or WRQ. `options` keeps request order: [(name, value)],
+    names lower-cased (RFC 2347: case-insensitive), values as sent."""
+
+    __slots__ = ('opcode', 'filename', 'mode', 'options')
+
+    def __init__(self, opcode, filename, mode, options):
+        self.opcode = opcode
+        self.filename = filename
+        self.mode = mode
+        self.options = options
+
+    def __repr__(self):
+        return 'Request(%r, %r, %r, %r)' % (self.opcode, self.filename, self.mode, self.options)
+
+
+def parse_request(data):
+    """Parse an RRQ/WRQ datagram into a Request, or raise PacketError.
+
+    The file name and mode must each end in a NUL. Options are read in pairs
+    while both strings are complete; an incomplete trailing pair is ignored,
+    because real firmware pads requests (HP PA-RISC sends 516 bytes with
+    trailing garbage, Apple OpenFirmware appends junk). Modes other than
+    netascii and mail are served as octet, as atftpd does.
+    """
+    if len(data) < 2:
+        raise PacketError(ERR_ILLEGAL_OP, 'Packet too short')
+    opcode = data[0] << 8 | data[1]
+    if opcode not in (OP_RRQ, OP_WRQ):
+        raise PacketError(ERR_ILLEGAL_OP, 'Not a request')
+    fields = data[2:].split(b'\0')
+    if len(fields) < 3:                 # name, mode and what follows the mode's NUL
+        raise PacketError(ERR_ILLEGAL_OP, 'Malformed request')
+    filename = os.fsdecode(fields[0])
+    if not filename:
+        raise PacketError(ERR_ILLEGAL_OP, 'Empty file name')
+    mode = fields[1].decode('latin-1').lower()
+    if mode == 'mail':
+        raise PacketError(ERR_ILLEGAL_OP, 'Mail mode not supported')
+    if mode != 'netascii':
+        mode = 'octet'
+    options = []
+    pairs = fields[2:-1]                # the last field follows the final NUL
+    for i in range(0, len(pairs) - 1, 2):
+        name = pairs[i].decode('latin-1').lower()
+        if not name:
+            break                       # padding: a run of NULs
+        options.append((name, pairs[i + 1].decode('latin-1')))
+    return Request(opcode, filename, mode, options)
+
+
+def parse_header(data):
+    """Opcode and block number (or error code) of DATA/ACK/ERROR, or None."""
+    if len(data) < 4:
+        return None
+    return HEADER.unpack_from(data)
+
+
+def parse_error(data):
+    """(code, message) of an ERROR datagram; the message is escaped for logs."""
+    code = data[2] << 8 | data[3] if len(data) >= 4 else ERR_UNDEFINED
+    return code, escape(data[4:].split(b'\0', 1)[0])
+
+
+def encode_request(opcode, filename, mode='octet', options=()):
+    """For tests and tools: an RRQ/WRQ datagram."""
+    parts = [os.fsencode(filename), mode.encode()]
+    for name, value in options:
+        parts += [name.encode(), str(value).encode()]
+    return struct.pack('!H', opcode) + b'\0'.join(parts) + b'\0'
+
+
+def encode_data(block, payload):
+    return HEADER.pack(OP_DATA, block & 0xFFFF) + payload
+
+
+def encode_ack(block):
+    return HEADER.pack(OP_ACK, block & 0xFFFF)
+
+
+def encode_oack(options):
+    body = b''.join(name.encode() + b'\0' + str(value).encode() + b'\0'
+                    for name, value in options)
+    return struct.pack('!H', OP_OACK) + body
+
+
+def encode_error(code, message=None):
+    if message is None:
+        message = ERROR_TEXT.get(code, ERROR_TEXT[ERR_UNDEFINED])
+    text = message.encode('ascii', 'replace')[:200]   # stay far below 512 bytes
+    return HEADER.pack(OP_ERROR, code) + text + b'\0'
+
+
+def unwrap_block(wire, last):
+    """Map a 16-bit block number from the wire to the internal counter: the
+    largest number <= `last` whose low 16 bits are `wire`. Windows are below
+    65536 blocks, so this is unambiguous for any ACK of a block in flight."""
+    return last - ((last - wire) & 0xFFFF)
+
+
+###############################################################################
+# Option negotiation ##########################################################
+###############################################################################
+
+class Limits:
+    """What the server allows; set from the command line."""
+
+    __slots__ = ('blksize', 'timeout', 'tsize', 'windowsize', 'max_blksize', 'max_windowsize')
+
+    def __init__(self, blksize=True, timeout=True, tsize=True, windowsize=True,
+                 max_blksize=MAX_BLKSIZE, max_windowsize=64):
+        self.blksize = blksize
+        self.timeout = timeout
+        self.tsize = tsize
+        self.windowsize = windowsize
+        self.max_blksize = max_blksize
+        self.max_windowsize = max_windowsize
+
+
+class Negotiated:
+    """The effective transfer parameters after negotiation."""
+
+    __slots__ = ('blksize', 'timeout', 'windowsize', 'tsize', 'acked')
+
+    def __init__(self):
+        self.blksize = DEFAULT_BLKSIZE
+        self.timeout = None             # None: the server's --retry-timeout
+        self.windowsize = 1
+        self.tsize = None               # WRQ: the size the client announced
+        self.acked = []                 # [(name, value)] for the OACK, request order
+
+
+def _option_number(value, low):
+    """An option value as int if it is a plain decimal >= low, else None."""
+    value = value.strip()
+    if not value.isdigit() or len(value) > MAX_OPTION_DIGITS:
+        return None
+    number = int(value)
+    return number if number >= low else None
+
+
+def negotiate_options(options, is_read, size, limits):
+    """Decide the OACK for a request. Pure: no sockets, no clock.
+
+    Policy (documented in the README): values that RFC 2348 and RFC 7440 let a
+    server lower (blksize, windowsize) are clamped to the configured maximum;
+    values that are invalid (blksize < 8, timeout outside 1..255, windowsize 0,
+    not a number) are left out of the OACK and the default applies. The server
+    never answers ERROR 8, so no client is refused over an option. Unknown
+    options are ignored, repeated options count once (the first), tsize is
+    acknowledged only when requested and only when the size is known.
+    """
+    result = Negotiated()
+    seen = set()
+    for name, value in options:
+        if name in seen:
+            continue
+        seen.add(name)
+        if name == 'blksize' and limits.blksize:
+            number = _option_number(value, MIN_BLKSIZE)       # RFC 2348
+            if number is not None:
+                result.blksize = min(number, limits.max_blksize, MAX_BLKSIZE)
+                result.acked.append((name, result.blksize))
+        elif name == 'timeout' and limits.timeout:
+            number = _option_number(value, MIN_TIMEOUT)       # RFC 2349
+            if number is not None and number <= MAX_TIMEOUT:
+                result.timeout = number
+                result.acked.append((name, number))
+        elif name == 'tsize' and limits.tsize:
+            number = _option_number(value, 0)                 # RFC 2349
+            if number is None:
+                continue
+            if not is_read:
+                result.tsize = number
+                result.acked.append((name, number))
+            elif size is not None:
+                result.acked.append((name, size))
+        elif name == 'windowsize' and limits.windowsize:
+            number = _option_number(value, MIN_WINDOWSIZE)    # RFC 7440
+            if number is not None and number <= MAX_WINDOWSIZE:
+                result.windowsize = min(number, limits.max_windowsize)
+                result.acked.append((name, result.windowsize))
+    return result
+
+
+###############################################################################
+# Netascii ####################################################################
+###############################################################################
+
+def netascii_encode(chunk):
+    """Local text to netascii: LF -> CR LF, CR -> CR NUL (RFC 764). Each byte
+    maps on its own, so chunks can be encoded independently."""
+    return chunk.replace(b'\r', b'\r\0').replace(b'\n', b'\r\n')
+
+
+class NetasciiDecoder:
+    """Netascii to local text: CR LF -> LF, CR NUL -> CR. A CR at the end of
+    one block is held until the next block shows what follows it."""
+
+    __slots__ = ('pending_cr',)
+
+    def __init__(self):
+        self.pending_cr = False
+
+    def decode(self, chunk, final=False):
+        if self.pending_cr:
+            chunk = b'\r' + chunk
+        self.pending_cr = chunk.endswith(b'\r') and not final
+        if self.pending_cr:
+            chunk = chunk[:-1]
+        return chunk.replace(b'\r\n', b'\n').replace(b'\r\0', b'\r')
+
+
+###############################################################################
+# Paths #######################################################################
+###############################################################################
+
+def resolve_path(root, name):
+    """The file a request names, as a path under `root`, or PacketError.
+
+    `root` is an absolute path without a trailing slash. Backslashes (Windows
+    and UEFI clients) count as slashes. A name that already starts with the
+    root is taken as that absolute path, as atftpd and dnsmasq do; any other
+    leading slash is dropped, so "/pxelinux.0" is "<root>/pxelinux.0". Empty
+    and "." components are dropped; a ".." component anywhere is refused.
+    Symlinks are checked by check_inside_root() once the file is found.
+    """
+    name = name.replace('\\', '/')
+    if name == root or name.startswith(root + '/'):
+        name = name[len(root):]
+    parts = []
+    for part in name.split('/'):
+        if part == '..':
+            raise PacketError(ERR_ACCESS, 'Access violation')
+        if part and part != '.':
+            parts.append(part)
+    if not parts:
+        raise PacketError(ERR_ACCESS, 'Access violation')
+    return root + '/' + '/'.join(parts)
+
+
+def check_inside_root(root_real, path):
+    """Refuse a path whose symlinks lead out of the root (ERROR 2). Links that
+    stay inside the root are followed."""
+    real = os.path.realpath(path)
+    if real != root_real and not real.startswith(root_real.rstrip('/') + '/'):
+        raise PacketError(ERR_ACCESS, 'Access violation')
+
+
+###############################################################################
+# Content sources #############################################################
+###############################################################################
+
+class FileSource:
+    """Bytes to send, read one block at a time with pread() so that one open
+    descriptor can serve many transfers. Memory does not grow with the file."""
+
+    __slots__ = ('fd', 'size', 'offset')
+
+    def __init__(self, fd, size):
+        self.fd = fd
+        self.size = size
+        self.offset = 0
+
+    def read(self, count):
+        data = os.pread(self.fd, count, self.offset)
+        self.offset += len(data)
+        return data
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class NetasciiSource:
+    """A FileSource seen through netascii_encode; `size` is the converted size
+    when it was cheap to count, else None (then tsize is not offered)."""
+
+    __slots__ = ('raw', 'size', 'buffer')
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.buffer = b''
+        self.size = None
+        if raw.size <= NETASCII_TSIZE_LIMIT:
+            text = os.pread(raw.fd, raw.size, 0)
+            self.size = len(text) + text.count(b'\n') + text.count(b'\r')
+
+    def read(self, count):
+        while len(self.buffer) < count:
+            chunk = self.raw.read(max(count, 4096))
+            if not chunk:
+                break
+            self.buffer += netascii_encode(chunk)
+        data, self.buffer = self.buffer[:count], self.buffer[count:]
+        return data
+
+    def close(self):
+        self.raw.close()
+
+
+def open_source(path, root_real, require_world_readable):
+    """Open a file to serve. Returns a FileSource, None if it does not exist,
+    or raises PacketError. Open first, then fstat the descriptor: no
+    stat-then-open race, and O_NONBLOCK so a FIFO cannot hang the loop."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, 'O_CLOEXEC', 0))
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        if exc.errno == errno.EACCES:
+            raise PacketError(ERR_ACCESS, 'Access violation')
+        raise PacketError(ERR_UNDEFINED, os.strerror(exc.errno))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise PacketError(ERR_ACCESS, 'Access violation')
+        if require_world_readable and not info.st_mode & stat.S_IROTH:
+            raise PacketError(ERR_ACCESS, 'Access violation')
+        check_inside_root(root_real, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return FileSource(fd, info.st_size)
+
+
+###############################################################################
+# Transfers ###################################################################
+###############################################################################
+
+# Transfer states.
+GENERATING, WAITING, OACK_SENT, SENDING, RECEIVING, DALLYING, DONE = (
+    'generating', 'waiting', 'oack-sent', 'sending', 'receiving', 'dallying', 'done')
+
+
+class Transfer:
+    """What read and write transfers share: the socket (the server's TID for
+    this client), the deadline, the retry count, the single way out (finish).
+
+    Handlers update state and send at once; on_timeout() resends the saved
+    datagrams verbatim. A packet from any other address or port gets ERROR 5
+    and changes nothing (RFC 1350 section 4)."""
+
+    __slots__ = ('server', 'sock', 'peer', 'local', 'request', 'path', 'state', 'params',
+                 'timeout', 'deadline', 'retries', 'started', 'bytes', 'blocks_resent',
+                 'last_sent', 'outcome', 'quiet')
+
+    def __init__(self, server, peer, local, request, path):
+        self.server = server
+        self.sock = None
+        self.peer = peer
+        self.local = local
+        self.request = request
+        self.path = path
+        self.state = WAITING
+        self.params = Negotiated()
+        self.timeout = server.config.retry_timeout
+        self.deadline = None
+        self.retries = 0
+        self.started = time.monotonic()
+        self.bytes = 0
+        self.blocks_resent = 0
+        self.last_sent = []
+        self.outcome = None
+        self.quiet = False
+
+    # -- sending and timing --
+
+    def send(self, datagram):
+        try:
+            self.sock.sendto(datagram, self.peer)
+            return True
+        except (BlockingIOError, InterruptedError):
+            return False        # Like a lost packet: the timer or the peer recovers.
+        except OSError as exc:
+            self.server.log.debug('%s: send failed: %s', self.client_text(), exc)
+            return False
+
+    def send_saved(self, datagrams, now):
+        """Send and remember datagrams for a verbatim resend on timeout."""
+        self.last_sent = datagrams
+        for datagram in datagrams:
+            if not self.send(datagram):
+                break
+        self.arm(now)
+
+    def arm(self, now):
+        self.deadline = now + (self.params.timeout or self.timeout)
+        self.server.note_deadline(self.deadline)
+
+    def on_timeout(self, now):
+        if self.retries >= RETRIES:
+            self.on_gave_up()
+            return
+        self.retries += 1
+        self.blocks_resent += len(self.last_sent)
+        self.server.log.packet('%s: timeout, resending %d datagram(s)',
+                               self.client_text(), len(self.last_sent))
+        self.send_saved(self.last_sent, now)
+
+    def on_gave_up(self):
+        self.finish('timeout', ERR_UNDEFINED, 'Timeout')
+
+    # -- receiving --
+
+    def on_readable(self):
+        """Drain the socket: several datagrams may be queued (windows)."""
+        for _ in range(64):
+            if self.sock is None:
+                return
+            try:
+                data, addr = self.sock.recvfrom(self.recv_size())
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return          # e.g. ECONNREFUSED from an earlier ICMP error
+            if addr[:2] != self.peer[:2]:
+                self.on_stranger(data, addr)
+                continue
+            self.on_datagram(data, time.monotonic())
+
+    def on_stranger(self, data, addr):
+        """RFC 1350 section 4: answer ERROR 5, leave the transfer alone."""
+        self.server.log.info('%s: packet from unknown TID %s', self.client_text(),
+                             format_addr(addr))
+        if parse_header(data) is None or data[1] != OP_ERROR:
+            try:
+                self.sock.sendto(encode_error(ERR_UNKNOWN_TID), addr)
+            except OSError:
+                pass
+
+    def on_client_error(self, data):
+        code, message = parse_error(data)
+        # The UEFI size probe: RRQ with tsize, our OACK, then the client's
+        # ERROR 8 (or 0) and a new RRQ for the real transfer. Not a failure.
+        if self.state == OACK_SENT:
+            self.quiet = True
+            self.finish('options declined by client (%d: %s)' % (code, message))
+        else:
+            self.finish('aborted by client (%d: %s)' % (code, message))
+
+    # -- ending --
+
+    def finish(self, outcome, error_code=None, error_text=None):
+        """The one way out: at most one ERROR to the client, sockets and files
+        closed, one log line, the slot freed for a waiting request."""
+        if self.state == DONE:
+            return
+        if error_code is not None:
+            if self.sock is not None:
+                self.send(encode_error(error_code, error_text))
+            else:
+                self.server.answer_error(self.peer, error_code, error_text, self.local)
+        self.state = DONE
+        self.outcome = outcome
+        self.release()
+        if self.sock is not None:
+            self.server.forget_socket(self.sock)
+            self.sock.close()
+            self.sock = None
+        self.server.on_transfer_done(self)
+
+    def release(self):
+        """Close what the subclass holds (files, temporary files)."""
+
+    def client_text(self):
+        return format_addr(self.peer)
+
+    def recv_size(self):
+        # Read transfers only receive ACKs and ERRORs. Asking for 64 KiB per
+        # datagram would cost an allocation that large per ACK.
+        return 1024
+
+    def summary(self):
+        seconds = time.monotonic() - self.started
+        text = '%d bytes in %.3f s, blksize %d, windowsize %d' % (
+            self.bytes, seconds, self.params.blksize, self.params.windowsize)
+        if self.blocks_resent:
+            text += ', %d blocks resent' % self.blocks_resent
+        return text
+
+
+class ReadTransfer(Transfer):
+    """An RRQ: the server sends DATA, the client ACKs.
+
+    The window holds the blocks sent and not yet acknowledged, numbered from
+    `acked + 1`. An ACK for the last block in flight moves the window on; an
+    ACK for an earlier block means the client lost the rest (RFC 7440
+    section 4), so the window restarts after it at once. A duplicate ACK (for
+    a block already acknowledged) is ignored: resending on it would start the
+    Sorcerer's Apprentice cycle (RFC 1350 errata, RFC 1123 4.2.3.1)."""
+
+    __slots__ = ('source', 'window', 'acked', 'eof', 'generation')
+
+    def __init__(self, server, peer, local, request, path):
+        Transfer.__init__(self, server, peer, local, request, path)
+        self.source = None
+        self.window = []
+        self.acked = 0
+        self.eof = False
+        self.generation = None
+
+    def begin(self, source, now):
+        """Content is ready: negotiate options, send the OACK or block 1."""
+        if self.request.mode == 'netascii':
+            source = NetasciiSource(source)
+        self.source = source
+        self.params = negotiate_options(self.request.options, True, source.size,
+                                        self.server.limits)
+        self.sock = self.server.open_transfer_socket(self)
+        if self.sock is None:
+            self.finish('no socket', ERR_UNDEFINED)
+            return
+        if self.params.acked:
+            self.state = OACK_SENT
+            self.send_saved([encode_oack(self.params.acked)], now)
+        else:
+            self.state = SENDING
+            self.send_window(now)
+
+    def send_window(self, now):
+        """Top the window up to windowsize blocks and send all of it."""
+        blksize = self.params.blksize
+        block = self.acked + len(self.window)
+        while len(self.window) < self.params.windowsize and not self.eof:
+            data = self.source.read(blksize)
+            block += 1
+            self.window.append(encode_data(block, data))
+            self.bytes += len(data)
+            self.eof = len(data) < blksize
+        self.server.log.packet('%s: sending blocks %d..%d', self.client_text(),
+                               self.acked + 1, block)
+        self.send_saved(self.window, now)
+
+    def on_datagram(self, data, now):
+        header = parse_header(data)
+        if header is None:
+            return                      # Too short to mean anything: drop it.
+        opcode, number = header
+        if opcode == OP_ACK:
+            self.on_ack(number, now)
+        elif opcode == OP_ERROR:
+            self.on_client_error(data)
+
+    def on_ack(self, wire_block, now):
+        if self.state == OACK_SENT:
+            if wire_block == 0:
+                self.state = SENDING
+                self.retries = 0
+                self.send_window(now)
+            return
+        if self.state != SENDING:
+            return
+        last = self.acked + len(self.window)
+        block = unwrap_block(wire_block, last)
+        if block <= self.acked:
+            return                      # Duplicate or stale: no resend (SAS).
+        del self.window[:block - self.acked]
+        self.acked = block
+        self.retries = 0
+        if self.eof and not self.window:
+            self.finish('sent')
+            return
+        self.send_window(now)
+
+    def on_gave_up(self):
+        # Some clients never send the last ACK (dnsmasq's comment says the
+        # same): when only the final block is unacknowledged, call it sent.
+        if self.state == SENDING and self.eof and len(self.window) == 1:
+            self.finish('sent (final ACK not received)')
+        else:
+            Transfer.on_gave_up(self)
+
+    def release(self):
+        if self.source is not None:
+            self.source.close()
+            self.source = None
+        if self.generation is not None:
+            # Others may wait for the same run; it goes on and fills the cache.
+            if self in self.generation.transfers:
+                self.generation.transfers.remove(self)
+            self.generation = None
+
+
+class WriteTransfer(Transfer):
+    """A WRQ: the client sends DATA, the server ACKs. The data goes to a hidden
+    temporary file beside the target, renamed over it only when the last block
+    has arrived, so a failed upload never leaves a partial file under the
+    final name."""
+
+    __slots__ = ('fd', 'temp_path', 'received', 'decoder', 'gap_acked', 'final_mode')
+
+    def __init__(self, server, peer, local, request, path, final_mode):
+        Transfer.__init__(self, server, peer, local, request, path)
+        self.fd = -1
+        self.temp_path = None
+        self.received = 0
+        self.decoder = NetasciiDecoder() if request.mode == 'netascii' else None
+        self.gap_acked = False
+        self.final_mode = final_mode
+
+    def begin(self, now):
+        directory, base = os.path.split(self.path)
+        try:
+            self.fd, self.temp_path = tempfile.mkstemp(prefix='.%s.' % base, suffix='.part',
+                                                       dir=directory)
+        except OSError as exc:
+            self.server.refuse(self, ERR_ACCESS, 'cannot create temporary file: %s' % exc)
+            return
+        self.params = negotiate_options(self.request.options, False, None, self.server.limits)
+        self.sock = self.server.open_transfer_socket(self)
+        if self.sock is None:
+            self.finish('no socket')
+            return
+        self.state = RECEIVING
+        first = encode_oack(self.params.acked) if self.params.acked else encode_ack(0)
+        self.send_saved([first], now)
+
+    def recv_size(self):
+        return self.params.blksize + 4
+
+    def on_datagram(self, data, now):
+        header = parse_header(data)
+        if header is None:
+            return
+        opcode, number = header
+        if opcode == OP_DATA:
+            self.on_data(number, data, now)
+        elif opcode == OP_ERROR:
+            self.on_client_error(data)
+
+    def on_data(self, wire_block, data, now):
+        expected = (self.received + 1) & 0xFFFF
+        if self.state == DALLYING:
+            if wire_block == self.received & 0xFFFF:
+                self.send(encode_ack(self.received))    # our last ACK was lost
+            return
+        if self.state != RECEIVING:
+            return
+        if wire_block != expected:
+            # A duplicate (our ACK was lost) or a gap (a block was lost): ACK
+            # the last block received in order, once until progress resumes.
+            if not self.gap_acked:
+                self.gap_acked = True
+                self.send_saved([encode_ack(self.received)], now)
+            return
+        payload = data[4:]
+        final = len(payload) < self.params.blksize
+        if not self.write(payload, final):
+            return
+        self.received += 1
+        self.retries = 0
+        self.gap_acked = False
+        if final:
+            self.complete(now)
+        elif self.received % self.params.windowsize == 0:
+            self.send_saved([encode_ack(self.received)], now)
+        else:
+            self.arm(now)
+
+    def write(self, payload, final):
+        if self.decoder is not None:
+            payload = self.decoder.decode(payload, final)
+        try:
+            while payload:
+                written = os.write(self.fd, payload)
+                payload = payload[written:]
+        except OSError as exc:
+            code = ERR_DISK_FULL if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) \
+                else ERR_ACCESS
+            self.finish('write failed: %s' % os.strerror(exc.errno), code)
+            return False
+        return True
+
+    def complete(self, now):
+        """Last block: put the file in place, ACK, then dally in case that ACK
+        is lost and the client sends the last block again."""
+        try:
+            self.bytes = os.fstat(self.fd).st_size
+            os.fchmod(self.fd, self.final_mode)
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.temp_path, self.path)
+            self.temp_path = None
+        except OSError as exc:
+            self.finish('could not store file: %s' % os.strerror(exc.errno), ERR_ACCESS)
+            return
+        self.send(encode_ack(self.received))
+        self.state = DALLYING
+        self.last_sent = []
+        self.outcome = 'received'
+        self.arm(now)
+
+    def on_timeout(self, now):
+        if self.state == DALLYING:
+            self.finish('received')
+            return
+        if self.received:
+            self.last_sent = [encode_ack(self.received)]   # the latest, not the last sent
+        Transfer.on_timeout(self, now)
+
+    def release(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.temp_path is not None:
+            try:
+                os.unlink(self.temp_path)
+            except OSError:
+                pass
+            self.temp_path = None
+
+
+def format_addr(addr):
+    host, port = addr[0], addr[1]
+    return '[%s]:%d' % (host, port) if ':' in host else '%s:%d' % (host, port)
+
+
+###############################################################################
+# Content generator ###########################################################
+###############################################################################
+
+class Generation:
+    """One run of the content generator for one missing file.
+
+    The child gets an anonymous temporary file as descriptor 3 and
+    /dev/null as stdin; stdout and stderr come back through one pipe that
+    the event loop reads (bounded) into the log. It runs in its own session
+    so the whole process group can be killed. The loop learns of its exit
+    through SIGCHLD on the wakeup descriptor and then polls this child only.
+    """
+
+    __slots__ = ('server', 'transfers', 'key', 'env', 'argv', 'proc', 'temp', 'pipe',
+                 'output', 'deadline', 'result', 'started', 'reason')
+
+    OUTPUT_LOG_LIMIT = 4096
+
+    def __init__(self, server, key, argv, env):
+        self.server = server
+        self.key = key              # (client address, path): the cache key
+        self.argv = argv
+        self.env = env
+        self.transfers = []         # ReadTransfers waiting for this content
+        self.proc = None
+        self.temp = None
+        self.pipe = None
+        self.output = b''
+        self.deadline = None
+        self.result = None          # a FileSource's fd, or None for not found
+        self.started = None
+        self.reason = ''
+
+    def start(self, now):
+        config = self.server.config
+        self.temp = tempfile.TemporaryFile(dir=config.generator_tmpdir)
+        temp_fd = self.temp.fileno()
+        limit = config.generator_max_size
+
+        def child_setup():
+            # Runs in the child between fork and exec. The server keeps fds
+            # 0-3 occupied (see reserve_low_fds), so temp_fd is never 3 and
+            # subprocess's own error pipe is never 3 either.
+            os.dup2(temp_fd, 3)
+            if limit and resource is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit + 1, limit + 1))
+
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, pass_fds=(3,), preexec_fn=child_setup,
+            start_new_session=True, env=self.env, cwd='/')
+        self.pipe = self.proc.stdout
+        os.set_blocking(self.pipe.fileno(), False)
+        self.server.watch(self.pipe, self.on_output, self)
+        self.started = now
+        self.deadline = now + config.generator_timeout
+        self.server.note_deadline(self.deadline)
+
+    def on_output(self):
+        try:
+            chunk = os.read(self.pipe.fileno(), 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b''
+        if not chunk:
+            self.close_pipe()
+            return
+        if len(self.output) < self.OUTPUT_LOG_LIMIT:
+            self.output += chunk[:self.OUTPUT_LOG_LIMIT - len(self.output)]
+
+    def close_pipe(self):
+        if self.pipe is not None:
+            self.server.forget_socket(self.pipe)
+            self.pipe.close()
+            self.pipe = None
+
+    def poll(self, now):
+        """Called after SIGCHLD and on the deadline. True when finished."""
+        if self.proc is None:
+            return True
+        status = self.proc.poll()
+        if status is None:
+            if now >= self.deadline:
+                self.kill_group()
+                self.reason = 'timed out after %g s' % self.server.config.generator_timeout
+                self.proc.wait()
+                self.conclude(None)
+                return True
+            return False
+        self.kill_group()   # leftovers must not keep writing to descriptor 3
+        self.conclude(status)
+        return True
+
+    def kill_group(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def conclude(self, status):
+        if self.pipe is not None:
+            self.on_output()
+            self.close_pipe()
+        size = os.fstat(self.temp.fileno()).st_size
+        limit = self.server.config.generator_max_size
+        if status is None:
+            pass
+        elif status == -getattr(signal, 'SIGXFSZ', 25) or (limit and size > limit):
+            self.reason = 'output exceeded %d bytes' % limit
+        elif status < 0:
+            self.reason = 'killed by signal %d' % -status
+        elif status > 0:
+            self.reason = 'exit status %d' % status
+        elif size == 0:
+            self.reason = 'no output'
+        else:
+            self.result = os.dup(self.temp.fileno())
+            self.reason = 'ok'
+        self.temp.close()
+        self.temp = None
+        self.proc = None
+        self.log_output()
+
+    def log_output(self):
+        if not self.output:
+            return
+        for line in self.output.splitlines()[:20]:
+            self.server.log.notice('generator: %s', escape(line))
+
+    def cancel(self):
+        """Nobody waits for this content any more (server stopping)."""
+        if self.proc is not None:
+            self.kill_group()
+            self.proc.wait()
+            self.proc = None
+        self.close_pipe()
+        if self.temp is not None:
+            self.temp.close()
+            self.temp = None
+        if self.result is not None:
+            os.close(self.result)
+            self.result = None
+
+
+###############################################################################
+# Server ######################################################################
+###############################################################################
+
+IP_PKTINFO = getattr(socket, 'IP_PKTINFO', 8)                   # Linux values
+IPV6_RECVPKTINFO = getattr(socket, 'IPV6_RECVPKTINFO', 49)
+IPV6_PKTINFO = getattr(socket, 'IPV6_PKTINFO', 50)
+
+
+def local_address(ancdata, listener_addr):
+    """(address, scope id) the request was sent to, from IP(V6)_PKTINFO.
+
+    For IPv4 it is ipi_spec_dst: the destination address for unicast, and
+    the interface's own address when the request was a broadcast, which is
+    the address we must answer from. Mapped IPv4 on a dual-stack socket
+    comes back as plain IPv4."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            return socket.inet_ntop(socket.AF_INET, data[4:8]), 0
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 20:
+            address = socket.inet_ntop(socket.AF_INET6, data[:16])
+            ifindex = struct.unpack('@I', data[16:20])[0]
+            if address.startswith('::ffff:') and '.' in address:
+                return address[7:], 0
+            return address, ifindex if address.startswith('fe80') else 0
+    return listener_addr, 0
+
+
+def plain_peer(addr):
+    """A peer address with IPv4-mapped IPv6 turned into plain IPv4."""
+    host = addr[0]
+    if host.startswith('::ffff:') and '.' in host:
+        return (host[7:], addr[1])
+    if len(addr) == 4:
+        return (host, addr[1], 0, addr[3])     # flowinfo may vary per packet
+    return addr
+
+
+class Listener:
+    """A bound request socket: port 69 (or --port), or the inetd socket."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.family = sock.family
+        self.address = sock.getsockname()[0]
+        sock.setblocking(False)
+        # Learn each request's destination address; where the platform lacks
+        # this, replies come from the listener's own address.
+        options = [(socket.IPPROTO_IP, IP_PKTINFO)]
+        if self.family == socket.AF_INET6:
+            options.insert(0, (socket.IPPROTO_IPV6, IPV6_RECVPKTINFO))
+        for level, name in options:
+            try:
+                sock.setsockopt(level, name, 1)
+            except OSError:
+                pass
+
+
+class Server:
+    """The event loop and the table of transfers."""
+
+    def __init__(self, config, listeners, log):
+        self.config = config
+        self.listeners = listeners
+        self.log = log
+        self.limits = config.limits
+        self.selector = selectors.DefaultSelector()
+        self.transfers = {}         # client (address, port) -> Transfer
+        self.waiting = {}           # client -> (listener, request datagram, local, seen), FIFO
+        self.generations = {}       # (client address, path) -> Generation running
+        self.generator_queue = []   # Generations waiting for a free slot
+        self.cache = {}             # (client address, path) -> (expiry, fd or None)
+        self.next_sweep = float('inf')
+        self.stopping = False
+        self.exit_status = 0
+        self.last_activity = time.monotonic()
+        self.root_real = os.path.realpath(config.root)
+        self.stats = {'requests': 0, 'sent': 0, 'received': 0, 'failed': 0, 'aborted': 0,
+                      'bytes_sent': 0, 'bytes_received': 0, 'refused': 0}
+        self.started = time.time()
+        self.wakeup_r, self.wakeup_w = socket.socketpair()
+        for sock in (self.wakeup_r, self.wakeup_w):
+            sock.setblocking(False)
+        self.selector.register(self.wakeup_r, selectors.EVENT_READ, (self.on_signal, None))
+        for listener in listeners:
+            self.selector.register(listener.sock, selectors.EVENT_READ,
+                                   (lambda l=listener: self.on_listener(l), None))
+
+    # -- the loop --
+
+    def serve_forever(self):
+        self.install_signals()
+        self.log.notice('atftpd.py %s started, serving %s on %s', __version__, self.config.root,
+                        ', '.join(format_addr(l.sock.getsockname()) for l in self.listeners))
+        while not self.stopping:
+            now = time.monotonic()
+            timeout = max(0.0, min(self.next_sweep, now + 60) - now)
+            if self.config.idle_timeout:
+                timeout = min(timeout, max(0.0, self.last_activity + self.config.idle_timeout - now))
+            for key, _ in self.selector.select(timeout):
+                self.dispatch(*key.data)
+            now = time.monotonic()
+            if now >= self.next_sweep:
+                self.sweep(now)
+            if self.config.idle_timeout and self.is_idle(now):
+                self.log.notice('idle for %g s, exiting', self.config.idle_timeout)
+                break
+        self.shutdown()
+        return self.exit_status
+
+    def dispatch(self, handler, owner):
+        """Run one event handler. An unexpected exception ends the transfer it
+        belongs to, never the server (socketserver's handle_error)."""
+        try:
+            handler()
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - isolation is the point
+            self.log.error('internal error: %s: %s', type(exc).__name__, escape(str(exc)))
+            if self.log.level >= LOG_DEBUG:
+                import traceback
+                self.log.debug('%s', escape(traceback.format_exc()))
+            if isinstance(owner, Transfer):
+                owner.finish('internal error', ERR_UNDEFINED, 'Internal error')
+
+    def sweep(self, now):
+        """Run every due deadline and find the next one."""
+        next_sweep = float('inf')
+        for transfer in list(self.transfers.values()):
+            if transfer.deadline is not None:
+                if transfer.deadline <= now and transfer.state != DONE:
+                    self.dispatch(lambda t=transfer: t.on_timeout(now), transfer)
+                if transfer.state != DONE and transfer.deadline is not None:
+                    next_sweep = min(next_sweep, transfer.deadline)
+        for generation in list(self.generations.values()):
+            if generation.deadline is not None and generation.deadline <= now:
+                self.poll_generation(generation, now)
+            if generation.deadline is not None and generation.proc is not None:
+                next_sweep = min(next_sweep, generation.deadline)
+        next_sweep = min(next_sweep, self.expire_waiting(now), self.expire_cache(now))
+        self.next_sweep = next_sweep
+
+    def note_deadline(self, deadline):
+        if deadline < self.next_sweep:
+            self.next_sweep = deadline
+
+    def is_idle(self, now):
+        return (not self.transfers and not self.waiting and not self.generations
+                and now - self.last_activity >= self.config.idle_timeout)
+
+    def watch(self, fileobj, handler, owner):
+        self.selector.register(fileobj, selectors.EVENT_READ, (handler, owner))
+
+    def forget_socket(self, fileobj):
+        try:
+            self.selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    # -- signals --
+
+    def install_signals(self):
+        signal.set_wakeup_fd(self.wakeup_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
+                       signal.SIGUSR1):
+            signal.signal(signum, lambda *_: None)    # the wakeup fd carries the number
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def on_signal(self):
+        try:
+            data = self.wakeup_r.recv(512)
+        except (BlockingIOError, InterruptedError):
+            return
+        for signum in set(data):
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.log.notice('received signal %d, stopping', signum)
+                self.stopping = True
+            elif signum == signal.SIGHUP:
+                self.log.open()
+                self.log.notice('received SIGHUP, log reopened')
+            elif signum == signal.SIGUSR1:
+                self.log_stats()
+            elif signum == signal.SIGCHLD:
+                now = time.monotonic()
+                for generation in list(self.generations.values()):
+                    self.poll_generation(generation, now)
+
+    def log_stats(self):
+        s = self.stats
+        self.log.notice('stats: %d requests, %d files sent, %d received, %d failed, '
+                        '%d aborted by clients, %d refused, %d bytes sent, %d received, '
+                        'up %.0f s, cpu %.2f s',
+                        s['requests'], s['sent'], s['received'], s['failed'], s['aborted'],
+                        s['refused'], s['bytes_sent'], s['bytes_received'],
+                        time.time() - self.started, sum(os.times()[:2]))
+
+    # -- requests --
+
+    def on_listener(self, listener):
+        """Read queued requests from a listening socket (bounded per event)."""
+        for _ in range(64):
+            try:
+                data, ancdata, _flags, addr = listener.sock.recvmsg(MAX_DATAGRAM, 256)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.log.debug('recvmsg: %s', exc)
+                return
+            self.last_activity = time.monotonic()
+            local = local_address(ancdata, listener.address)
+            self.on_request(listener, data, plain_peer(addr), local)
+
+    def on_request(self, listener, data, peer, local):
+        self.stats['requests'] += 1
+        try:
+            request = parse_request(data)
+        except PacketError as exc:
+            self.log.info('%s: bad request: %s', format_addr(peer), exc.message)
+            self.answer_error(peer, exc.code, exc.message)
+            return
+        current = self.transfers.get(peer)
+        if current is not None:
+            if current.request.filename == request.filename and current.state != DONE:
+                self.log.packet('%s: duplicate request ignored', format_addr(peer))
+                return
+            current.finish('replaced by a new request from the same port')
+        if len(self.transfers) >= self.config.maxthread:
+            self.queue_request(listener, data, peer, local)
+            return
+        self.start_transfer(listener, request, peer, local)
+
+    def queue_request(self, listener, data, peer, local):
+        """--maxthread reached: the request waits (FIFO, bounded) for a free
+        slot; a client retransmitting the same request refreshes its place.
+        atftpd drops such requests, which makes PXE storms slow to finish."""
+        now = time.monotonic()
+        if peer in self.waiting:
+            self.waiting[peer] = (listener, data, local, now)   # keeps its place
+        elif len(self.waiting) < 4 * self.config.maxthread:
+            self.waiting[peer] = (listener, data, local, now)
+            self.log.info('%s: %d transfers running, request queued', format_addr(peer),
+                          len(self.transfers))
+            self.note_deadline(now + self.config.retry_timeout * 2)
+        else:
+            self.log.info('%s: request dropped, queue full', format_addr(peer))
+
+    def expire_waiting(self, now):
+        """Forget queued requests whose client has stopped asking."""
+        horizon = self.config.retry_timeout * 2
+        for peer, entry in list(self.waiting.items()):
+            if now - entry[3] > horizon:
+                del self.waiting[peer]
+        if self.waiting:
+            return min(entry[3] for entry in self.waiting.values()) + horizon
+        return float('inf')
+
+    def start_waiting(self):
+        while self.waiting and len(self.transfers) < self.config.maxthread:
+            peer = next(iter(self.waiting))
+            listener, data, local, _seen = self.waiting.pop(peer)
+            self.start_transfer(listener, parse_request(data), peer, local)
+
+    def start_transfer(self, listener, request, peer, local):
+        now = time.monotonic()
+        config = self.config
+        client = format_addr(peer)
+        name = escape(request.filename)
+        try:
+            path = resolve_path(config.root, request.filename)
+        except PacketError as exc:
+            self.log.notice('%s: refused %s: outside the root', client, name)
+            self.stats['refused'] += 1
+            self.answer_error(peer, exc.code, exc.message, local)
+            return
+        if request.opcode == OP_WRQ:
+            self.start_write(listener, request, peer, local, path)
+            return
+        try:
+            source = open_source(path, self.root_real, config.world_readable_only)
+        except PacketError as exc:
+            self.log.notice('%s: refused %s: %s', client, name, exc.message)
+            self.stats['refused'] += 1
+            self.answer_error(peer, exc.code, exc.message, local)
+            return
+        transfer = ReadTransfer(self, peer, local, request, path)
+        self.transfers[peer] = transfer
+        if source is not None:
+            self.log.info('serving %s to %s', name, client)
+            transfer.begin(source, now)
+        elif config.generator:
+            self.generate(transfer, now)
+        else:
+            del self.transfers[peer]
+            self.log.info('%s: %s not found', client, name)
+            self.stats['failed'] += 1
+            self.answer_error(peer, ERR_NOT_FOUND, None, local)
+
+    def start_write(self, listener, request, peer, local, path):
+        client = format_addr(peer)
+        name = escape(request.filename)
+        try:
+            mode = self.check_upload(path)
+        except PacketError as exc:
+            self.log.notice('%s: upload of %s refused: %s', client, name, exc.message)
+            self.stats['refused'] += 1
+            self.answer_error(peer, exc.code, exc.message, local)
+            return
+        transfer = WriteTransfer(self, peer, local, request, path, mode)
+        self.transfers[peer] = transfer
+        self.log.info('receiving %s from %s', name, client)
+        transfer.begin(time.monotonic())
+
+    def check_upload(self, path):
+        """The mode the uploaded file will have, or PacketError. Uploads need
+        --allow-write (replace existing files) or --allow-create (also make
+        new ones); the directory must already exist inside the root."""
+        config = self.config
+        if not (config.allow_write or config.allow_create):
+            raise PacketError(ERR_ACCESS, 'Uploads are not allowed')
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):
+            raise PacketError(ERR_NOT_FOUND, 'Directory not found')
+        check_inside_root(self.root_real, directory)
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            if not config.allow_create:
+                raise PacketError(ERR_ACCESS, 'Creating files is not allowed')
+            return 0o666 & ~config.umask
+        check_inside_root(self.root_real, path)
+        if not stat.S_ISREG(info.st_mode):
+            raise PacketError(ERR_ACCESS, 'Access violation')
+        if config.world_readable_only and not info.st_mode & stat.S_IWOTH:
+            raise PacketError(ERR_ACCESS, 'Access violation')
+        if not os.access(path, os.W_OK):
+            raise PacketError(ERR_ACCESS, 'Access violation')
+        return stat.S_IMODE(info.st_mode)
+
+    def refuse(self, transfer, code, text):
+        self.log.notice('%s: %s', transfer.client_text(), text)
+        transfer.state = DONE
+        self.transfers.pop(transfer.peer, None)
+        self.answer_error(transfer.peer, code, ERROR_TEXT.get(code), transfer.local)
+        self.start_waiting()
+
+    def answer_error(self, peer, code, message, local=None):
+        """An ERROR for a request we will not serve, sent from a new socket on
+        the address the request came to (a new TID, as for a transfer)."""
+        family = socket.AF_INET6 if ':' in peer[0] else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                if local is not None:
+                    try:
+                        sock.bind((local[0], 0, 0, local[1]) if family == socket.AF_INET6
+                                  else (local[0], 0))
+                    except OSError:
+                        pass
+                sock.sendto(encode_error(code, message), peer)
+        except OSError as exc:
+            self.log.debug('%s: cannot send error: %s', format_addr(peer), exc)
+
+    def open_transfer_socket(self, transfer):
+        """A new socket (a new TID) bound to the address the request came to,
+        so a multi-homed host answers from the address the client used."""
+        address, scope = transfer.local
+        family = socket.AF_INET6 if ':' in address else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+        except OSError as exc:
+            self.log.warning('%s: cannot open a socket: %s', transfer.client_text(), exc)
+            return None
+        try:
+            sock.bind((address, 0, 0, scope) if family == socket.AF_INET6 else (address, 0))
+            sock.setblocking(False)
+            if self.config.listen_local:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            window_bytes = transfer.params.windowsize * (transfer.params.blksize + 64)
+            if window_bytes > 200000:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, min(window_bytes, 4 << 20))
+        except OSError as exc:
+            sock.close()
+            self.log.warning('%s: cannot bind to %s: %s', transfer.client_text(), address, exc)
+            return None
+        self.watch(sock, transfer.on_readable, transfer)
+        return sock
+
+    def on_transfer_done(self, transfer):
+        if self.transfers.get(transfer.peer) is transfer:
+            del self.transfers[transfer.peer]
+        self.record(transfer)
+        self.start_waiting()
+
+    def record(self, transfer):
+        """The one log line per transfer, and the counters."""
+        name = escape(transfer.request.filename)
+        client = transfer.client_text()
+        outcome = transfer.outcome or 'ended'
+        reading = isinstance(transfer, ReadTransfer)
+        if outcome.startswith('sent') or outcome == 'received':
+            self.stats['sent' if reading else 'received'] += 1
+            self.stats['bytes_sent' if reading else 'bytes_received'] += transfer.bytes
+            self.log.notice('%s %s %s %s: %s', outcome, name, 'to' if reading else 'from',
+                            client, transfer.summary())
+            return
+        self.stats['aborted' if 'client' in outcome else 'failed'] += 1
+        level = LOG_INFO if transfer.quiet else LOG_NOTICE
+        self.log.log(level, 'failed %s %s %s %s: %s; %s', 'sending' if reading else 'receiving',
+                     name, 'to' if reading else 'from', client, outcome, transfer.summary())
+
+    # -- the content generator --
+
+    def generate(self, transfer, now):
+        """Find or start the generator run for a missing file. A cached result
+        for the same client and name is reused (the UEFI size probe asks
+        twice and must see the same bytes); a run already going for them is
+        joined rather than started again."""
+        key = (transfer.peer[0], transfer.path)
+        cached = self.cache.get(key)
+        if cached is not None and cached[0] > now:
+            self.deliver(transfer, cached[1], now)
+            return
+        generation = self.generations.get(key)
+        if generation is None:
+            generation = Generation(self, key, [self.config.generator, '--file', transfer.path],
+                                    self.generator_env(transfer))
+            self.generations[key] = generation
+            if self.running_generators() < self.config.generator_max_running:
+                self.start_generation(generation, now)
+            else:
+                self.generator_queue.append(generation)
+        transfer.state = GENERATING
+        transfer.generation = generation
+        generation.transfers.append(transfer)
+
+    def generator_env(self, transfer):
+        env = {key: value for key, value in os.environ.items() if not key.startswith('TFTP_')}
+        env.update({
+            'TFTP_CLIENT_ADDR': transfer.peer[0],
+            'TFTP_CLIENT_PORT': str(transfer.peer[1]),
+            'TFTP_SERVER_ADDR': transfer.local[0],
+            'TFTP_REQUEST': transfer.request.filename,
+            'TFTP_FILE': transfer.path,
+            'TFTP_ROOT': self.config.root,
+            'TFTP_MODE': transfer.request.mode,
+            'TFTP_OPTIONS': ' '.join('%s=%s' % pair for pair in transfer.request.options),
+        })
+        return env
+
+    def running_generators(self):
+        return sum(1 for g in self.generations.values() if g.proc is not None)
+
+    def start_generation(self, generation, now):
+        try:
+            generation.start(now)
+        except OSError as exc:
+            generation.reason = 'cannot run %s: %s' % (self.config.generator, exc)
+            self.end_generation(generation, now)
+
+    def poll_generation(self, generation, now):
+        if generation.proc is not None and generation.poll(now):
+            self.end_generation(generation, now)
+
+    def end_generation(self, generation, now):
+        if generation.temp is not None:     # could not even start
+            generation.temp.close()
+            generation.temp = None
+        self.generations.pop(generation.key, None)
+        seconds = now - (generation.started or now)
+        name = escape(generation.argv[2])
+        self.log.info('generator for %s: %s (%.3f s)', name, generation.reason, seconds)
+        if generation.result is None and generation.reason not in ('exit status 1', 'no output'):
+            self.log.notice('generator for %s failed: %s', name, generation.reason)
+        fd = generation.result
+        generation.result = None
+        if self.config.generator_cache > 0:
+            self.store_cache(generation.key, fd, now)
+        for transfer in generation.transfers:
+            if transfer.state == GENERATING:
+                transfer.generation = None
+                self.deliver(transfer, fd, now)
+        if fd is not None and self.config.generator_cache <= 0:
+            os.close(fd)
+        while self.generator_queue and self.running_generators() < self.config.generator_max_running:
+            self.start_generation(self.generator_queue.pop(0), now)
+
+    def deliver(self, transfer, fd, now):
+        if fd is None:
+            transfer.finish('not found (generator)', ERR_NOT_FOUND)
+            return
+        own = os.dup(fd)
+        transfer.begin(FileSource(own, os.fstat(own).st_size), now)
+
+    def store_cache(self, key, fd, now):
+        old = self.cache.pop(key, None)
+        if old is not None and old[1] is not None:
+            os.close(old[1])
+        self.cache[key] = (now + self.config.generator_cache, fd)
+        self.note_deadline(now + self.config.generator_cache)
+
+    def expire_cache(self, now):
+        soonest = float('inf')
+        for key, (expiry, fd) in list(self.cache.items()):
+            if expiry <= now:
+                del self.cache[key]
+                if fd is not None:
+                    os.close(fd)
+            else:
+                soonest = min(soonest, expiry)
+        return soonest
+
+    # -- stopping --
+
+    def shutdown(self):
+        """End every transfer with an ERROR to its client, stop generators,
+        close everything we opened."""
+        for transfer in list(self.transfers.values()):
+            transfer.finish('server stopping', ERR_UNDEFINED, 'Server shutting down')
+        for generation in list(self.generations.values()) + self.generator_queue:
+            generation.cancel()
+        self.generations.clear()
+        self.generator_queue = []
+        for _expiry, fd in self.cache.values():
+            if fd is not None:
+                os.close(fd)
+        self.cache.clear()
+        self.log_stats()
+        for listener in self.listeners:
+            self.forget_socket(listener.sock)
+            listener.sock.close()
+        signal.set_wakeup_fd(-1)
+        self.selector.close()
+        self.wakeup_r.close()
+        self.wakeup_w.close()
+
+
+###############################################################################
+# Process setup ###############################################################
+###############################################################################
+
+try:
+    import resource         # Present on Linux builds, python3-light included.
+except ImportError:         # pragma: no cover
+    resource = None
+
+
+def reserve_low_fds():
+    """Make sure descriptors 0-3 are open (on /dev/null if nothing else), so
+    that nothing the server opens later lands on 0-3. Generators get their
+    output file as fd 3, and this way dup2() onto 3 never hits one of ours."""
+    while True:
+        fd = os.open(os.devnull, os.O_RDWR)
+        if fd > 3:
+            os.close(fd)
+            return
+
+
+def make_listeners(addresses, port):
+    """Bind the request sockets. With no address: '::' for both families,
+    or 0.0.0.0 when the host has no IPv6 (routers often disable it)."""
+    listeners = []
+    for address in addresses or [None]:
+        listeners.append(Listener(bind_request_socket(address, port)))
+    return listeners
+
+
+def bind_request_socket(address, port):
+    if address is None:
+        try:
+            return bind_request_socket('::', port)
+        except OSError:
+            return bind_request_socket('0.0.0.0', port)
+    infos = socket.getaddrinfo(address, port, 0, socket.SOCK_DGRAM, 0,
+                               socket.AI_NUMERICHOST | socket.AI_PASSIVE)
+    family, socktype, proto, _canon, sockaddr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if address == '::' else 1)
+        sock.bind(sockaddr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def inetd_listener():
+    """inetd 'wait' mode: the datagram socket is descriptor 0 (and, under
+    classic inetd, 1 and 2). Move it away and put /dev/null on 0-2 so that
+    nothing we or a generator print can land in the socket."""
+    try:
+        sock = socket.socket(fileno=os.dup(0))
+    except OSError:
+        return None
+    if sock.type != socket.SOCK_DGRAM:
+        sock.close()
+        return None
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        try:
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                os.dup2(null, fd)
+        except OSError:
+            os.dup2(null, fd)
+    os.close(null)
+    return Listener(sock)
+
+
+def group_given(user_spec, group_name):
+    return bool(group_name and group_name != 'nogroup') or '.' in user_spec
+
+
+def lookup_identity(user_spec, group_name):
+    """(uid, gid, name) for --user user[.group] and --group, or ValueError."""
+    user, _, group = user_spec.partition('.')
+    if group_name:
+        group = group_name
+    try:
+        entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+    except KeyError:
+        raise ValueError('no such user: %s' % user)
+    if not group:
+        gid = entry.pw_gid
+    elif group == 'nogroup' and not group_given(user_spec, group_name):
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            gid = entry.pw_gid      # not every system has nogroup
+    elif group.isdigit():
+        gid = int(group)
+    else:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError('no such group: %s' % group)
+    return entry.pw_uid, gid, entry.pw_name
+
+
+def drop_privileges(config, log):
+    """Bind first, then this: as root, switch to --user/--group (atftpd's
+    default nobody.nogroup), in daemon and inetd mode alike. Not root: only
+    an explicit --user/--group asks for a switch, and failing it is fatal."""
+    if os.geteuid() != 0 and not config.user_given:
+        return
+    uid, gid, name = lookup_identity(config.user, config.group)
+    if os.geteuid() == uid and os.getegid() == gid:
+        return
+    if os.geteuid() == 0:
+        os.initgroups(name, gid)
+    os.setgid(gid)
+    os.setuid(uid)
+    log.info('running as %s (uid %d, gid %d)', name, uid, gid)
+
+
+def daemonize():
+    """Detach: fork, new session, fork again; the grandchild serves."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir('/')
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def write_pidfile(path, uid_gid):
+    with open(path, 'w') as f:
+        f.write('%d\n' % os.getpid())
+    if uid_gid is not None and os.geteuid() == 0:
+        try:
+            os.chown(path, *uid_gid)
+        except OSError:
+            pass
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+GENERATOR_HELP = '''content generator:
+  When a read request names a missing file, --content-generator runs
+      GENERATOR --file <root>/<requested name>
+  with an anonymous temporary file on descriptor 3, stdin on /dev/null and
+  stdout/stderr going to the log. Exit 0 with at least one byte written:
+  those bytes are served. Any other outcome: "File not found". Environment:
+    TFTP_CLIENT_ADDR  client IP address      TFTP_CLIENT_PORT  client UDP port
+    TFTP_SERVER_ADDR  address asked          TFTP_REQUEST      name as sent
+    TFTP_FILE         full path (= --file)   TFTP_ROOT         server root
+    TFTP_MODE         octet or netascii      TFTP_OPTIONS      name=value ...
+'''
+
+# Accepted so that atftpd init scripts keep working. Debian passes the
+# multicast settings on every start, so those are only noted; the others
+# change what is served, so they are warned about.
+MULTICAST_OPTIONS = ('mcast_ttl', 'mcast_addr', 'mcast_port', 'mcast_switch_client')
+UNSUPPORTED_OPTIONS = ('pcre', 'pcre_test', 'mtftp', 'mtftp_port')
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog='atftpd.py',
+        usage='%(prog)s [options] [directory]',
+        description='TFTP server (RFC 1350, 2347, 2348, 2349, 7440), a drop-in for atftpd, '
+                    'that can generate missing files with a program of your choice.',
+        epilog=GENERATOR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    opt = parser.add_argument
+    opt('directory', nargs='*', help='root of the served tree (default /srv/tftp)')
+    opt('-t', '--tftpd-timeout', type=positive_int, default=300, metavar='S',
+        help='inetd mode: exit after S idle seconds, 0 = never (default 300)')
+    opt('-r', '--retry-timeout', type=positive_int, default=5, metavar='S',
+        help='seconds before a packet is sent again (default 5); 5 tries')
+    opt('-m', '--maxthread', type=positive_int, default=100, metavar='N',
+        help='transfers at once (default 100); more requests wait in a queue')
+    opt('-v', '--verbose', metavar='N', action='append',
+        help='log level 0-7 as --verbose=N or -vN (default 5); -v alone adds 1')
+    opt('--trace', action='store_true', help='log every packet sent and received')
+    opt('--no-timeout', action='store_true', help='do not acknowledge the timeout option')
+    opt('--no-tsize', action='store_true', help='do not acknowledge the tsize option')
+    opt('--no-blksize', action='store_true', help='do not acknowledge the blksize option')
+    opt('--no-windowsize', action='store_true', help='do not acknowledge the windowsize option')
+    opt('--max-blksize', type=positive_int, default=MAX_BLKSIZE, metavar='N',
+        help='largest blksize granted (%d..%d, default %d); larger requests are lowered'
+             % (MIN_BLKSIZE, MAX_BLKSIZE, MAX_BLKSIZE))
+    opt('--max-windowsize', type=positive_int, default=64, metavar='N',
+        help='largest windowsize granted (1..65535, default 64); larger requests are lowered')
+    opt('--logfile', metavar='FILE', help="log to FILE ('-' = stdout) instead of syslog")
+    opt('--pidfile', metavar='FILE', help='write the process id to FILE (daemon mode)')
+    opt('--daemon', action='store_true', help='run standalone (default: inetd mode on stdin)')
+    opt('--no-fork', action='store_true', help='with --daemon, stay in the foreground')
+    opt('--user', metavar='USER[.GROUP]', help='run as this user when started as root '
+        '(default nobody)')
+    opt('--group', metavar='GROUP', help='run with this group (default nogroup)')
+    opt('--port', type=int, default=69, metavar='PORT',
+        help='daemon mode: UDP port (default 69; 0 = any free port, logged)')
+    opt('--bind-address', action='append', metavar='ADDR',
+        help='daemon mode: listen on this IPv4 or IPv6 address (repeatable; '
+             "default '::', both families)")
+    opt('--listen-local', action='store_true', help='set SO_BROADCAST on transfer sockets')
+    opt('--allow-write', action='store_true', help='accept uploads that replace existing files')
+    opt('--allow-create', action='store_true',
+        help='accept uploads that create new files (implies --allow-write)')
+    opt('--permissive', action='store_true',
+        help='as root, also serve files that are not world-readable')
+    opt('--prevent-sas', action='store_true', help='accepted for atftpd; always on here')
+    opt('--no-source-port-checking', action='store_true',
+        help='accepted for atftpd; ignored (TIDs are always checked)')
+    opt('--content-generator', metavar='PATH', help='program that makes missing files (below)')
+    opt('--generator-timeout', type=float, default=10.0, metavar='S',
+        help='kill a generator still running after S seconds (default 10)')
+    opt('--generator-max-size', type=positive_int, default=16 << 20, metavar='BYTES',
+        help='largest output a generator may write (default 16 MiB)')
+    opt('--generator-max-running', type=positive_int, default=4, metavar='N',
+        help='generators running at once (default 4); more requests wait')
+    opt('--generator-cache', type=float, default=10.0, metavar='S',
+        help='reuse a generated result for the same client and name for S seconds '
+             '(default 10, 0 = off)')
+    for name in ('no-multicast', 'mcast-switch-client'):
+        opt('--' + name, action='store_true', help='accepted for atftpd; not supported yet')
+    for name in ('mcast-ttl', 'mcast-addr', 'mcast-port', 'pcre', 'mtftp', 'mtftp-port'):
+        opt('--' + name, '--' + name.replace('-', '_'), metavar='X',
+            help='accepted for atftpd; not supported yet')
+    opt('--pcre-test', metavar='FILE', help='accepted for atftpd; not supported yet')
+    opt('-V', '--version', action='version', version='atftpd.py %s' % __version__)
+    return parser
+
+
+def normalise_verbose(argv):
+    """atftpd's -v/--verbose takes its value only attached (-v7, --verbose=7);
+    '--verbose /srv/tftp' is verbosity + 1 and the directory. argparse would
+    take the next word, so rewrite every form to '--verbose=VALUE' first,
+    an empty value meaning 'add one'. Long-option abbreviations count."""
+    out = []
+    for index, arg in enumerate(argv):
+        if arg == '--':
+            return out + argv[index:]
+        name, eq, value = arg.partition('=')
+        if len(name) >= 6 and '--verbose'.startswith(name):
+            out.append('--verbose=' + value if eq else '--verbose=')
+        elif arg.startswith('-v') and not arg.startswith('--'):
+            out.append('--verbose=' + arg[2:])
+        else:
+            out.append(arg)
+    return out
+
+
+class Config:
+    """Everything the server needs from the command line, checked."""
+
+
+def config_from_args(parser, argv):
+    args = parser.parse_args(normalise_verbose(argv))
+    config = Config()
+    level = LOG_NOTICE
+    for value in args.verbose or []:
+        if value == '':
+            level += 1
+        elif value.isdigit():
+            level = int(value)
+        else:
+            parser.error('argument -v/--verbose: invalid level %r (0-7)' % value)
+    config.log_level = min(level, LOG_DEBUG)
+    root = args.directory[0] if args.directory else '/srv/tftp'
+    config.root = os.path.abspath(root).rstrip('/') or '/'
+    config.extra_directories = args.directory[1:]
+    if not 0 <= args.port <= 65535:
+        parser.error('argument --port: %d is not a UDP port' % args.port)
+    if not MIN_BLKSIZE <= args.max_blksize <= MAX_BLKSIZE:
+        parser.error('argument --max-blksize: must be %d..%d' % (MIN_BLKSIZE, MAX_BLKSIZE))
+    if not MIN_WINDOWSIZE <= args.max_windowsize <= MAX_WINDOWSIZE:
+        parser.error('argument --max-windowsize: must be 1..65535')
+    if not 1 <= args.retry_timeout <= MAX_TIMEOUT:
+        parser.error('argument --retry-timeout: must be 1..255')
+    if args.maxthread < 1:
+        parser.error('argument --maxthread: must be at least 1')
+    if args.generator_timeout <= 0 or args.generator_max_running < 1:
+        parser.error('argument --generator-timeout/--generator-max-running: must be positive')
+    for address in args.bind_address or []:
+        try:
+            socket.getaddrinfo(address, None, 0, 0, 0, socket.AI_NUMERICHOST)
+        except (OSError, UnicodeError):
+            parser.error('argument --bind-address: not a numeric IP address: %s' % address)
+    config.user_given = args.user is not None or args.group is not None
+    config.user = args.user or 'nobody'
+    config.group = args.group or ('' if args.user and '.' in args.user else 'nogroup')
+    if config.user_given:
+        try:
+            lookup_identity(config.user, config.group)
+        except ValueError as exc:
+            parser.error('argument --user/--group: %s' % exc)
+    config.limits = Limits(not args.no_blksize, not args.no_timeout, not args.no_tsize,
+                           not args.no_windowsize, args.max_blksize, args.max_windowsize)
+    for name in ('daemon', 'no_fork', 'port', 'pidfile', 'logfile', 'trace', 'retry_timeout',
+                 'maxthread', 'allow_write', 'allow_create', 'listen_local', 'bind_address',
+                 'generator_timeout', 'generator_max_size', 'generator_max_running',
+                 'generator_cache'):
+        setattr(config, name, getattr(args, name))
+    config.generator = args.content_generator
+    if config.generator:
+        config.generator = os.path.abspath(config.generator)
+        if not (os.path.isfile(config.generator) and os.access(config.generator, os.X_OK)):
+            parser.error('argument --content-generator: %s is not an executable file'
+                         % config.generator)
+    config.generator_tmpdir = None
+    config.permissive = args.permissive
+    config.umask = os.umask(0)
+    os.umask(config.umask)
+    config.unsupported = [name for name in UNSUPPORTED_OPTIONS
+                          if getattr(args, name) not in (None, False)]
+    config.multicast_settings = [name for name in MULTICAST_OPTIONS
+                                 if getattr(args, name) not in (None, False)]
+    config.idle_timeout = 0 if args.daemon else args.tftpd_timeout
+    return config
+
+
+def check_root(config):
+    """A missing or unreadable root is reported at start, not per request."""
+    if not os.path.isdir(config.root):
+        return 'directory %s does not exist or is not a directory' % config.root
+    if not os.access(config.root, os.R_OK | os.X_OK):
+        return 'directory %s is not readable' % config.root
+    return None
+
+
+def main(argv=None):
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    config = config_from_args(parser, argv)
+    problem = check_root(config)
+    if problem:
+        parser.error(problem)
+    if not config.daemon and sys.stdin is not None and sys.stdin.isatty():
+        parser.error('stdin is a terminal: use --daemon to run standalone (or start from inetd)')
+    reserve_low_fds()
+    try:
+        log = Log(config.log_level, config.logfile, config.trace)
+    except OSError as exc:
+        parser.error('argument --logfile: %s' % exc)
+    if config.daemon:
+        try:
+            listeners = make_listeners(config.bind_address, config.port)
+        except OSError as exc:
+            print('atftpd.py: cannot bind port %d: %s' % (config.port, exc.strerror),
+                  file=sys.stderr)
+            return 1
+    else:
+        listener = inetd_listener()
+        if listener is None:
+            parser.error('stdin is not a datagram socket: use --daemon, or start from inetd')
+        listeners = [listener]
+    return run(config, log, listeners)
+
+
+def run(config, log, listeners):
+    if config.daemon and not config.no_fork:
+        daemonize()
+    identity = None
+    if os.geteuid() == 0 or config.user_given:
+        uid, gid, _name = lookup_identity(config.user, config.group)
+        identity = (uid, gid)
+    if config.pidfile:
+        write_pidfile(config.pidfile, identity)
+    try:
+        drop_privileges(config, log)
+    except (OSError, ValueError) as exc:
+        log.error('cannot switch to user %s: %s', config.user, exc)
+        return 1
+    config.world_readable_only = os.geteuid() == 0 and not config.permissive
+    config.allow_write = config.allow_write or config.allow_create
+    for name in config.unsupported:
+        log.warning('option --%s is accepted but not supported yet; ignored',
+                    name.replace('_', '-'))
+    if config.multicast_settings:
+        log.info('multicast is not supported; ignored: %s', ', '.join(
+            '--' + name.replace('_', '-') for name in config.multicast_settings))
+    problem = check_root(config)
+    if problem:
+        log.error('after switching user: %s', problem)
+        return 1
+    if config.extra_directories:
+        log.warning('only the first directory is served; ignored: %s',
+                    ' '.join(config.extra_directories))
+    server = Server(config, listeners, log)
+    try:
+        return server.serve_forever()
+    finally:
+        if config.pidfile:
+            try:
+                os.unlink(config.pidfile)
+            except OSError:
+                pass
+        log.close()
+
+
+if __name__ == '__main__':
+    sys.exit(main())
