@@ -1481,7 +1481,7 @@ class Server:
         key = (transfer.peer[0], transfer.path)
         cached = self.cache.get(key)
         if cached is not None and cached[0] > now:
-            self.deliver(transfer, cached[1], now)
+            self.deliver(transfer, cached[1], now, cached[2] + ', cached')
             return
         generation = self.generations.get(key)
         if generation is None:
@@ -1537,33 +1537,33 @@ class Server:
         fd = generation.result
         generation.result = None
         if self.config.generator_cache > 0:
-            self.store_cache(generation.key, fd, now)
+            self.store_cache(generation.key, fd, generation.reason, now)
         for transfer in generation.transfers:
             if transfer.state == GENERATING:
                 transfer.generation = None
-                self.deliver(transfer, fd, now)
+                self.deliver(transfer, fd, now, generation.reason)
         if fd is not None and self.config.generator_cache <= 0:
             os.close(fd)
         while self.generator_queue and self.running_generators() < self.config.generator_max_running:
             self.start_generation(self.generator_queue.pop(0), now)
 
-    def deliver(self, transfer, fd, now):
+    def deliver(self, transfer, fd, now, reason):
         if fd is None:
-            transfer.finish('not found (generator)', ERR_NOT_FOUND)
+            transfer.finish('not found (generator: %s)' % reason, ERR_NOT_FOUND)
             return
         own = os.dup(fd)
         transfer.begin(FileSource(own, os.fstat(own).st_size), now)
 
-    def store_cache(self, key, fd, now):
+    def store_cache(self, key, fd, reason, now):
         old = self.cache.pop(key, None)
         if old is not None and old[1] is not None:
             os.close(old[1])
-        self.cache[key] = (now + self.config.generator_cache, fd)
+        self.cache[key] = (now + self.config.generator_cache, fd, reason)
         self.note_deadline(now + self.config.generator_cache)
 
     def expire_cache(self, now):
         soonest = float('inf')
-        for key, (expiry, fd) in list(self.cache.items()):
+        for key, (expiry, fd, _reason) in list(self.cache.items()):
             if expiry <= now:
                 del self.cache[key]
                 if fd is not None:
@@ -1583,7 +1583,7 @@ class Server:
             generation.cancel()
         self.generations.clear()
         self.generator_queue = []
-        for _expiry, fd in self.cache.values():
+        for _expiry, fd, _reason in self.cache.values():
             if fd is not None:
                 os.close(fd)
         self.cache.clear()
