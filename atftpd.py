@@ -1532,8 +1532,6 @@ class Server:
         seconds = now - (generation.started or now)
         name = escape(generation.argv[2])
         self.log.info('generator for %s: %s (%.3f s)', name, generation.reason, seconds)
-        if generation.result is None and generation.reason not in ('exit status 1', 'no output'):
-            self.log.notice('generator for %s failed: %s', name, generation.reason)
         fd = generation.result
         generation.result = None
         if self.config.generator_cache > 0:
@@ -1549,6 +1547,9 @@ class Server:
 
     def deliver(self, transfer, fd, now, reason):
         if fd is None:
+            # "Not mine" (exit 1, or nothing written) is routine: PXELINUX
+            # probes ten names per boot. Anything else is worth a notice.
+            transfer.quiet = reason.split(',')[0] in ('exit status 1', 'no output')
             transfer.finish('not found (generator: %s)' % reason, ERR_NOT_FOUND)
             return
         own = os.dup(fd)

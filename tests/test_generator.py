@@ -132,7 +132,7 @@ def test_seed_style_python_generator_with_optionparser(start_server, tmp_path):
     ('printf data >&3; kill -9 $$', 'killed by signal 9'),
 ])
 def test_failures_are_file_not_found(start_server, tmp_path, body, reason):
-    server = start_server('--content-generator', make_generator(tmp_path, body))
+    server = start_server('--content-generator', make_generator(tmp_path, body), '-v6')
     with pytest.raises(TftpError) as info:
         fetch(server, 'anything')
     assert info.value.code == atftpd.ERR_NOT_FOUND
@@ -151,7 +151,7 @@ def test_timeout_kills_the_whole_process_group(start_server, tmp_path, marks):
     with pytest.raises(TftpError) as info:
         fetch(server, 'slow')
     assert info.value.code == atftpd.ERR_NOT_FOUND
-    server.wait_for_log(r'generator for .*slow failed: timed out after 1 s')
+    server.wait_for_log(r'failed sending slow .*generator: timed out after 1 s')
     grandchild = int((marks / 'grandchild').read_text())
     assert wait_for(lambda: not os.path.exists('/proc/%d' % grandchild) or
                     open('/proc/%d/stat' % grandchild).read().split()[2] == 'Z')
