@@ -728,8 +728,9 @@ class ReadTransfer(Transfer):
             self.window.append(encode_data(block, data))
             self.bytes += len(data)
             self.eof = len(data) < blksize
-        self.server.log.packet('%s: sending blocks %d..%d', self.client_text(),
-                               self.acked + 1, block)
+        if self.server.log.trace:
+            self.server.log.packet('%s: sending blocks %d..%d', self.client_text(),
+                                   self.acked + 1, block)
         self.send_saved(self.window, now)
 
     def on_datagram(self, data, now):
@@ -1159,7 +1160,7 @@ class Server:
         while not self.stopping:
             now = time.monotonic()
             timeout = max(0.0, min(self.next_sweep, now + 60) - now)
-            if self.config.idle_timeout:
+            if self.config.idle_timeout and self.is_quiet():
                 timeout = min(timeout, max(0.0, self.last_activity + self.config.idle_timeout - now))
             for key, _ in self.selector.select(timeout):
                 self.dispatch(*key.data)
@@ -1208,9 +1209,11 @@ class Server:
         if deadline < self.next_sweep:
             self.next_sweep = deadline
 
+    def is_quiet(self):
+        return not self.transfers and not self.waiting and not self.generations
+
     def is_idle(self, now):
-        return (not self.transfers and not self.waiting and not self.generations
-                and now - self.last_activity >= self.config.idle_timeout)
+        return self.is_quiet() and now - self.last_activity >= self.config.idle_timeout
 
     def watch(self, fileobj, handler, owner):
         self.selector.register(fileobj, selectors.EVENT_READ, (handler, owner))
@@ -1449,6 +1452,7 @@ class Server:
         return sock
 
     def on_transfer_done(self, transfer):
+        self.last_activity = time.monotonic()     # inetd mode: idle from now on
         if self.transfers.get(transfer.peer) is transfer:
             del self.transfers[transfer.peer]
         self.record(transfer)
