@@ -666,6 +666,15 @@ class Transfer:
     def client_text(self):
         return format_addr(self.peer)
 
+    def log_negotiation(self):
+        log = self.server.log
+        if log.level >= LOG_DEBUG:
+            log.debug('%s: %s %s mode %s, options %s, acknowledged %s, from %s',
+                      self.client_text(), 'RRQ' if self.request.opcode == OP_RRQ else 'WRQ',
+                      escape(self.request.filename), self.request.mode,
+                      escape(str(self.request.options)), self.params.acked,
+                      format_addr(self.sock.getsockname()))
+
     def recv_size(self):
         # Read transfers only receive ACKs and ERRORs. Asking for 64 KiB per
         # datagram would cost an allocation that large per ACK.
@@ -711,6 +720,7 @@ class ReadTransfer(Transfer):
         if self.sock is None:
             self.finish('no socket', ERR_UNDEFINED)
             return
+        self.log_negotiation()
         if self.params.acked:
             self.state = OACK_SENT
             self.send_saved([encode_oack(self.params.acked)], now)
@@ -811,8 +821,9 @@ class WriteTransfer(Transfer):
         self.params = negotiate_options(self.request.options, False, None, self.server.limits)
         self.sock = self.server.open_transfer_socket(self)
         if self.sock is None:
-            self.finish('no socket')
+            self.finish('no socket', ERR_UNDEFINED)
             return
+        self.log_negotiation()
         self.state = RECEIVING
         first = encode_oack(self.params.acked) if self.params.acked else encode_ack(0)
         self.send_saved([first], now)
@@ -1632,16 +1643,37 @@ def make_listeners(addresses, port):
     return listeners
 
 
+def numeric_address(address, port=0):
+    """(family, sockaddr) for a numeric IPv4 or IPv6 address, 'fe80::1%eth0'
+    included, or ValueError. inet_pton, not getaddrinfo: a str host makes
+    getaddrinfo load the idna codec, which needs unicodedata, which
+    python3-light does not have."""
+    host, _, scope = address.partition('%')
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+        if not scope:
+            return socket.AF_INET, (host, port)
+    except OSError:
+        pass
+    try:
+        socket.inet_pton(socket.AF_INET6, host)
+    except OSError:
+        raise ValueError('not a numeric IP address: %s' % address)
+    try:
+        scope_id = int(scope) if scope.isdigit() else socket.if_nametoindex(scope) if scope else 0
+    except OSError:
+        raise ValueError('no such interface: %s' % scope)
+    return socket.AF_INET6, (host, port, 0, scope_id)
+
+
 def bind_request_socket(address, port):
     if address is None:
         try:
             return bind_request_socket('::', port)
         except OSError:
             return bind_request_socket('0.0.0.0', port)
-    infos = socket.getaddrinfo(address, port, 0, socket.SOCK_DGRAM, 0,
-                               socket.AI_NUMERICHOST | socket.AI_PASSIVE)
-    family, socktype, proto, _canon, sockaddr = infos[0]
-    sock = socket.socket(family, socktype, proto)
+    family, sockaddr = numeric_address(address, port)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if address == '::' else 1)
@@ -1894,9 +1926,9 @@ def config_from_args(parser, argv):
         parser.error('argument --generator-timeout/--generator-max-running: must be positive')
     for address in args.bind_address or []:
         try:
-            socket.getaddrinfo(address, None, 0, 0, 0, socket.AI_NUMERICHOST)
-        except (OSError, UnicodeError):
-            parser.error('argument --bind-address: not a numeric IP address: %s' % address)
+            numeric_address(address)
+        except ValueError as exc:
+            parser.error('argument --bind-address: %s' % exc)
     config.user_given = args.user is not None or args.group is not None
     config.user = args.user or 'nobody'
     config.group = args.group or ('' if args.user and '.' in args.user else 'nogroup')
@@ -1932,8 +1964,14 @@ def config_from_args(parser, argv):
 
 def check_root(config):
     """A missing or unreadable root is reported at start, not per request."""
-    if not os.path.isdir(config.root):
-        return 'directory %s does not exist or is not a directory' % config.root
+    try:
+        info = os.stat(config.root)
+    except FileNotFoundError:
+        return 'directory %s does not exist' % config.root
+    except OSError as exc:
+        return 'directory %s is not accessible: %s' % (config.root, exc.strerror)
+    if not stat.S_ISDIR(info.st_mode):
+        return '%s is not a directory' % config.root
     if not os.access(config.root, os.R_OK | os.X_OK):
         return 'directory %s is not readable' % config.root
     return None

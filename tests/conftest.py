@@ -35,23 +35,26 @@ class ServerProcess:
     """atftpd.py running in the foreground, its log collected line by line."""
 
     def __init__(self, root, args=(), bind=('127.0.0.1',), env=None, user_args=None,
-                 stdin=None, wait_ready=True, daemon=True):
-        self.root = str(root)
-        argv = [sys.executable, SERVER, '--logfile', '-']
-        if daemon:
-            argv += ['--daemon', '--no-fork', '--port', '0']
-            for address in bind:
-                argv += ['--bind-address', address]
-        if user_args is None:
-            # As root the server drops to nobody by default; tests that are not
-            # about privileges keep root so that pytest's 0700 tmp dirs work.
-            user_args = ['--user', 'root.root'] if IS_ROOT else []
-        argv += list(user_args) + list(args) + [self.root]
-        self.argv = argv
+                 stdin=None, wait_ready=True, daemon=True, argv=None):
+        """Start `python3 atftpd.py --logfile - [daemon options] [user] ARGS ROOT`,
+        or exactly `argv` when given (then `root` is only remembered)."""
+        self.root = None if root is None else str(root)
+        if argv is None:
+            argv = [sys.executable, SERVER, '--logfile', '-']
+            if daemon:
+                argv += ['--daemon', '--no-fork', '--port', '0']
+                for address in bind:
+                    argv += ['--bind-address', address]
+            if user_args is None:
+                # As root the server drops to nobody by default; tests that are not
+                # about privileges keep root so that pytest's 0700 tmp dirs work.
+                user_args = ['--user', 'root.root'] if IS_ROOT else []
+            argv += list(user_args) + list(args) + [self.root]
+        self.argv = [str(arg) for arg in argv]
         self.lines = []
         self.ready = threading.Event()
         self.addresses = []
-        self.proc = subprocess.Popen(argv, stdin=stdin if stdin is not None else subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self.argv, stdin=stdin if stdin is not None else subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -60,6 +63,10 @@ class ServerProcess:
             if not self.ready.wait(20):
                 self.kill()
                 raise AssertionError('server did not start:\n' + self.log())
+            if not self.addresses:
+                status = self.proc.wait(10)
+                raise AssertionError('server exited with %s before starting:\n%s'
+                                     % (status, self.log()))
 
     def _read(self):
         for raw in self.proc.stdout:

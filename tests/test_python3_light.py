@@ -1,0 +1,165 @@
+"""atftpd.py must run on OpenWrt's python3-light: Python 3.7 syntax, and none
+of the modules listed in shared/python3-light-excluded.txt (kept beside the
+project: <project>/../shared/). Checked statically, then by running the real
+server with those modules made unimportable, under this interpreter and
+under Debian's /usr/bin/python3 -I when it is installed."""
+
+import ast
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import PROJECT, SERVER, RawClient
+from process_support import argv_servers, user_args  # noqa: F401
+
+
+EXCLUDED_LIST = os.path.join(os.path.dirname(os.path.abspath(PROJECT)), 'shared',
+                             'python3-light-excluded.txt')
+DEBIAN_PYTHON = '/usr/bin/python3'
+
+
+def excluded_modules():
+    if not os.path.isfile(EXCLUDED_LIST):
+        pytest.fail('the list of modules missing from python3-light is not at %s '
+                    '(shared/ must sit beside the project directory)' % EXCLUDED_LIST)
+    names = []
+    with open(EXCLUDED_LIST) as f:
+        for line in f:
+            name = line.split('#', 1)[0].strip()
+            if name:
+                names.append(name)
+    assert names, '%s lists no module' % EXCLUDED_LIST
+    return names
+
+
+def server_source():
+    with open(SERVER, 'rb') as f:
+        return f.read()
+
+
+def test_parses_as_python_3_7():
+    ast.parse(server_source(), filename=SERVER, feature_version=(3, 7))
+
+
+def imported_names(tree):
+    """(line, top-level module) for every import anywhere in the file, lazy
+    ones inside functions included, and __import__/import_module('x')."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name.split('.')[0]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0 and node.module:
+                yield node.lineno, node.module.split('.')[0]
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, 'id', None)
+            first = node.args[0]
+            if called in ('__import__', 'import_module') and isinstance(first, ast.Constant) \
+                    and isinstance(first.value, str):
+                yield node.lineno, first.value.split('.')[0]
+
+
+def test_imports_no_module_missing_from_python3_light():
+    excluded = set(excluded_modules())
+    tree = ast.parse(server_source(), filename=SERVER)
+    found = sorted(set((line, name) for line, name in imported_names(tree) if name in excluded))
+    assert not found, 'atftpd.py imports modules python3-light lacks: %s' % ', '.join(
+        '%s (line %d)' % (name, line) for line, name in found)
+
+
+def test_excluded_list_names_the_usual_suspects():
+    # Guard against an empty or truncated list making the checks vacuous.
+    assert {'logging', 'email', 'urllib', 'asyncio', 'ssl', 'unittest'} <= set(excluded_modules())
+
+
+WRAPPER = '''\
+import runpy
+import sys
+
+BLOCKED = frozenset(%(blocked)r)
+
+
+class Python3Light:
+    """Make the modules python3-light lacks unimportable."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.split('.')[0] in BLOCKED:
+            raise ModuleNotFoundError('No module named %%r (python3-light)' %% name, name=name)
+        return None
+
+    @staticmethod
+    def invalidate_caches():
+        pass
+
+
+sys.meta_path.insert(0, Python3Light)
+for loaded in list(sys.modules):
+    if loaded.split('.')[0] in BLOCKED:
+        del sys.modules[loaded]
+
+sys.argv = [%(server)r] + sys.argv[1:]
+runpy.run_path(%(server)r, run_name='__main__')
+'''
+
+
+def write_wrapper(tmp_path):
+    path = tmp_path / 'python3_light.py'
+    path.write_text(WRAPPER % {'blocked': sorted(excluded_modules()), 'server': SERVER})
+    return str(path)
+
+
+def write_generator(tmp_path):
+    path = tmp_path / 'generator'
+    path.write_text(textwrap.dedent('''\
+        #!/bin/sh
+        printf 'generated for %s\\n' "$TFTP_REQUEST" >&3
+        '''))
+    path.chmod(0o755)
+    return str(path)
+
+
+def check_light_server(argv_servers, tmp_path, tftp_root, python_argv):
+    blocked = sorted(excluded_modules())
+    wrapper = write_wrapper(tmp_path)
+    # The blocker itself works: the same finder, then 'import logging', fails.
+    check = tmp_path / 'check.py'
+    check.write_text(WRAPPER.split('sys.argv =')[0] % {'blocked': blocked, 'server': SERVER}
+                     + 'import logging\n')
+    result = subprocess.run(python_argv + [str(check)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True, timeout=30)
+    assert result.returncode != 0 and 'python3-light' in result.stdout, result.stdout
+
+    argv = python_argv + [wrapper, '--daemon', '--no-fork', '--port', '0', '--bind-address',
+                          '127.0.0.1', '--logfile', '-', '--verbose=7', '--content-generator',
+                          write_generator(tmp_path)] + user_args() + [str(tftp_root)]
+    server = argv_servers(argv, root=tftp_root)
+    with RawClient(server.host, server.port) as client:
+        data, oack = client.download('random.bin', options=[('blksize', 1428), ('tsize', 0),
+                                                            ('windowsize', 4)])
+        assert data == (tftp_root / 'random.bin').read_bytes()
+        assert oack == {'blksize': '1428', 'tsize': '300000', 'windowsize': '4'}
+        data, _ = client.download('text.txt', mode='netascii')
+        assert data == b'line one\r\nline two\r\0\r\nbare cr\r\0 end\r\n'
+        data, _ = client.download('made/up.bin')
+        assert data == b'generated for made/up.bin\n'
+    server.proc.send_signal(signal.SIGUSR1)
+    server.wait_for_log(r'stats: ')
+    assert server.stop() == 0, server.log()
+    assert 'python3-light' not in server.log(), server.log()
+    assert 'internal error' not in server.log(), server.log()
+
+
+def test_serves_with_excluded_modules_unimportable(argv_servers, tmp_path, tftp_root):
+    check_light_server(argv_servers, tmp_path, tftp_root, [sys.executable])
+
+
+def test_serves_under_debian_python_isolated(argv_servers, tmp_path, tftp_root):
+    if not os.access(DEBIAN_PYTHON, os.X_OK):
+        pytest.skip('%s is not installed' % DEBIAN_PYTHON)
+    check_light_server(argv_servers, tmp_path, tftp_root, [DEBIAN_PYTHON, '-I'])
