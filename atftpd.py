@@ -372,7 +372,9 @@ def negotiate_options(options, is_read, size, limits):
             if not is_read:
                 result.tsize = number
                 result.acked.append((name, number))
-            elif size is not None:
+            elif size:
+                # Known and not zero: curl rejects an OACK saying "tsize 0",
+                # so an empty file is sent without it.
                 result.acked.append((name, size))
         elif name == 'windowsize' and limits.windowsize:
             number = _option_number(value, MIN_WINDOWSIZE)    # RFC 7440

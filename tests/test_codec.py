@@ -116,8 +116,9 @@ def test_tsize_reports_the_file_size_on_read_and_echoes_on_write():
     assert write.acked == [('tsize', 4242)] and write.tsize == 4242
 
 
-def test_tsize_is_left_out_when_the_size_is_unknown():
+def test_tsize_is_left_out_when_the_size_is_unknown_or_zero():
     assert negotiate([('tsize', '0')], size=None).acked == []
+    assert negotiate([('tsize', '0')], size=0).acked == []      # curl rejects "tsize 0"
 
 
 @pytest.mark.parametrize('value, acked', [
