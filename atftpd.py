@@ -632,6 +632,9 @@ class Transfer:
                 pass
 
     def on_client_error(self, data):
+        if self.state == DALLYING:
+            self.finish('received')     # the file is in place; the client is done
+            return
         code, message = parse_error(data)
         # The UEFI size probe: RRQ with tsize, our OACK, then the client's
         # ERROR 8 (or 0) and a new RRQ for the real transfer. Not a failure.
@@ -697,11 +700,15 @@ class ReadTransfer(Transfer):
     The window holds the blocks sent and not yet acknowledged, numbered from
     `acked + 1`. An ACK for the last block in flight moves the window on; an
     ACK for an earlier block means the client lost the rest (RFC 7440
-    section 4), so the window restarts after it at once. A duplicate ACK (for
-    a block already acknowledged) is ignored: resending on it would start the
-    Sorcerer's Apprentice cycle (RFC 1350 errata, RFC 1123 4.2.3.1)."""
+    section 4), so the window restarts after it at once. In lock-step a
+    duplicate ACK (for a block already acknowledged) is ignored: resending on
+    it would start the Sorcerer's Apprentice cycle (RFC 1123 4.2.3.1). With a
+    window, a repeated ACK of the previous window's end means the first block
+    of this window was lost (RFC 7440 section 4): the window is resent at
+    once, but only once until the client makes progress again, so a stream of
+    duplicated ACKs cannot multiply the traffic."""
 
-    __slots__ = ('source', 'window', 'acked', 'eof', 'generation')
+    __slots__ = ('source', 'window', 'acked', 'eof', 'generation', 'restarted')
 
     def __init__(self, server, peer, local, request, path):
         Transfer.__init__(self, server, peer, local, request, path)
@@ -710,6 +717,7 @@ class ReadTransfer(Transfer):
         self.acked = 0
         self.eof = False
         self.generation = None
+        self.restarted = False      # the window was resent on a repeated ACK
 
     def begin(self, source, now):
         """Content is ready: negotiate options, send the OACK or block 1."""
@@ -766,11 +774,18 @@ class ReadTransfer(Transfer):
             return
         last = self.acked + len(self.window)
         block = unwrap_block(wire_block, last)
-        if block <= self.acked:
-            return                      # Duplicate or stale: no resend (SAS).
+        if block < self.acked:
+            return                      # Stale: no resend.
+        if block == self.acked:
+            if self.params.windowsize > 1 and not self.restarted and self.window:
+                self.restarted = True
+                self.blocks_resent += len(self.window)
+                self.send_saved(self.window, now)
+            return                      # Lock-step duplicate: no resend (SAS).
         del self.window[:block - self.acked]
         self.acked = block
         self.retries = 0
+        self.restarted = False
         if self.eof and not self.window:
             self.finish('sent')
             return
@@ -801,7 +816,8 @@ class WriteTransfer(Transfer):
     has arrived, so a failed upload never leaves a partial file under the
     final name."""
 
-    __slots__ = ('fd', 'temp_path', 'received', 'decoder', 'gap_acked', 'final_mode')
+    __slots__ = ('fd', 'temp_path', 'received', 'decoder', 'gap_acked', 'final_mode',
+                 'last_acked')
 
     def __init__(self, server, peer, local, request, path, final_mode):
         Transfer.__init__(self, server, peer, local, request, path)
@@ -811,12 +827,14 @@ class WriteTransfer(Transfer):
         self.decoder = NetasciiDecoder() if request.mode == 'netascii' else None
         self.gap_acked = False
         self.final_mode = final_mode
+        self.last_acked = 0         # windows are counted from the last ACK sent
 
     def begin(self, now):
         directory, base = os.path.split(self.path)
         try:
-            self.fd, self.temp_path = tempfile.mkstemp(prefix='.%s.' % base, suffix='.part',
-                                                       dir=directory)
+            # The name is cut so that a 255-byte name still leaves room.
+            self.fd, self.temp_path = tempfile.mkstemp(prefix='.%s.' % base[:64],
+                                                       suffix='.part', dir=directory)
         except OSError as exc:
             self.server.refuse(self, ERR_ACCESS, 'cannot create temporary file: %s' % exc)
             return
@@ -856,7 +874,7 @@ class WriteTransfer(Transfer):
             # the last block received in order, once until progress resumes.
             if not self.gap_acked:
                 self.gap_acked = True
-                self.send_saved([encode_ack(self.received)], now)
+                self.ack(now)
             return
         payload = data[4:]
         final = len(payload) < self.params.blksize
@@ -867,10 +885,14 @@ class WriteTransfer(Transfer):
         self.gap_acked = False
         if final:
             self.complete(now)
-        elif self.received % self.params.windowsize == 0:
-            self.send_saved([encode_ack(self.received)], now)
+        elif self.received - self.last_acked >= self.params.windowsize:
+            self.ack(now)
         else:
             self.arm(now)
+
+    def ack(self, now):
+        self.last_acked = self.received
+        self.send_saved([encode_ack(self.received)], now)
 
     def write(self, payload, final):
         if self.decoder is not None:
@@ -1596,7 +1618,10 @@ class Server:
         """End every transfer with an ERROR to its client, stop generators,
         close everything we opened."""
         for transfer in list(self.transfers.values()):
-            transfer.finish('server stopping', ERR_UNDEFINED, 'Server shutting down')
+            if transfer.state == DALLYING:
+                transfer.finish('received')     # complete; only waiting for a repeat
+            else:
+                transfer.finish('server stopping', ERR_UNDEFINED, 'Server shutting down')
         for generation in list(self.generations.values()) + self.generator_queue:
             generation.cancel()
         self.generations.clear()
