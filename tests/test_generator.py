@@ -6,7 +6,9 @@ read back.
 """
 
 import os
+import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -14,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import IS_ROOT, RawClient, ServerProcess, TftpError
+from conftest import IS_ROOT, SERVER, RawClient, ServerProcess, TftpError
 
 import atftpd
 
@@ -365,3 +367,37 @@ def test_no_child_or_descriptor_is_left_behind(start_server, tmp_path):
     assert wait_for(lambda: not server.children())
     assert wait_for(lambda: server.open_fds() == before), (before, server.open_fds())
     assert stat.S_ISDIR(os.stat('/proc/%d' % server.pid).st_mode)
+
+
+def test_inetd_socket_on_0_1_2_does_not_reach_the_generator(tftp_root, tmp_path, marks):
+    """Classic inetd puts the socket on descriptors 0, 1 and 2. The generator
+    must see /dev/null on 0, the log pipe on 1 and 2, and no socket at all."""
+    generator = make_generator(tmp_path, '''
+        import os
+        fds = {}
+        for fd in os.listdir('/proc/self/fd'):
+            try:
+                fds[int(fd)] = os.readlink('/proc/self/fd/' + fd)
+            except OSError:
+                pass
+        with open(%r, 'w') as out:
+            out.write(repr(fds))
+        os.write(3, b'ok')
+    ''' % str(marks / 'fds'), shebang='#!%s' % sys.executable)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(('127.0.0.1', 0))
+    logfile = tmp_path / 'log'
+    argv = [sys.executable, SERVER, '--logfile', str(logfile), '--tftpd-timeout', '30',
+            '--content-generator', generator] + (['--user', 'root.root'] if IS_ROOT else [])
+    proc = subprocess.Popen(argv + [str(tftp_root)], stdin=sock, stdout=sock, stderr=sock)
+    try:
+        with RawClient('127.0.0.1', sock.getsockname()[1]) as client:
+            assert client.download('generated')[0] == b'ok'
+        fds = eval((marks / 'fds').read_text())
+        assert sorted(fds) == [0, 1, 2, 3], fds
+        assert fds[0] == '/dev/null'
+        assert not [target for target in fds.values() if target.startswith('socket:')]
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
+        sock.close()
