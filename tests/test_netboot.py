@@ -1,0 +1,122 @@
+"""A real network boot, end to end, for the pxelinux use case.
+
+A QEMU x86 guest (software emulation: KVM is not assumed) boots from its
+iPXE option ROM. QEMU's user networking hands it, by DHCP, the boot file
+tftp://10.0.2.2:PORT/pxelinux.0; QEMU's own TFTP server is not enabled, and
+10.0.2.2 is the host's 127.0.0.1, where atftpd.py listens. PXELINUX then
+asks for pxelinux.cfg/01-<mac>, which does not exist in the root: only the
+pxelinux generator can answer it. The generated config turns the serial
+console on, draws a menu whose title is a marker no other file contains, and
+boots reboot.c32; with -no-reboot, QEMU then exits.
+
+(SYSLINUX 6.04's SAY never reaches the serial port, a MENU TITLE drawn by
+menu.c32 does. menu.c32 reads the config a second time.)
+
+Needs the Debian packages qemu-system-x86, ipxe-qemu, pxelinux and
+syslinux-common. Root is not needed. Outside CI a missing package skips
+the test; with CI=true it fails.
+"""
+
+import os
+import shutil
+import subprocess
+import textwrap
+import time
+
+import pytest
+
+from conftest import PROJECT
+
+pytestmark = pytest.mark.netboot
+
+PXELINUX_GENERATOR = os.path.join(PROJECT, 'generators', 'pxelinux')
+QEMU = '/usr/bin/qemu-system-x86_64'
+IPXE_ROM = '/usr/lib/ipxe/qemu/pxe-e1000.rom'
+PXELINUX_0 = '/usr/lib/PXELINUX/pxelinux.0'
+MODULES = '/usr/lib/syslinux/modules/bios'
+NEEDED = [
+    (QEMU, 'qemu-system-x86'),
+    (IPXE_ROM, 'ipxe-qemu'),
+    (PXELINUX_0, 'pxelinux'),
+] + [(os.path.join(MODULES, name), 'syslinux-common')
+     for name in ('ldlinux.c32', 'menu.c32', 'libutil.c32', 'libcom32.c32', 'reboot.c32')]
+
+MAC = '52:54:00:12:34:56'
+MARKER = 'generated-for-netboot-guest'
+BOOT_TIMEOUT = 120          # seconds; one boot takes well under 10 s with TCG
+
+
+def require_packages():
+    missing = sorted(set('%s (%s)' % (package, path) for path, package in NEEDED
+                         if not os.path.isfile(path)))
+    if not missing:
+        return
+    reason = 'netboot needs the Debian packages: %s' % ', '.join(missing)
+    if os.environ.get('CI') == 'true':
+        pytest.fail(reason)
+    pytest.skip(reason + ' (a failure when CI=true)')
+
+
+@pytest.fixture
+def boot_root(tmp_path):
+    """A TFTP root with PXELINUX and its modules, and no pxelinux.cfg at all."""
+    require_packages()
+    root = tmp_path / 'tftpboot'
+    root.mkdir()
+    for path, _ in NEEDED[2:]:
+        shutil.copy(path, str(root))
+    return root
+
+
+@pytest.fixture
+def inventory(tmp_path):
+    path = tmp_path / 'hosts.ini'
+    path.write_text(textwrap.dedent('''\
+        [%s]
+        hostname = netboot-guest
+        serial = 0 115200
+        ui = menu.c32
+        menu_title = generated-for-%%(hostname)s
+        timeout = 1
+        kernel = reboot.c32
+        ''' % MAC))
+    return str(path)
+
+
+def boot(port, serial, timeout=BOOT_TIMEOUT):
+    """Boot the guest; return QEMU's exit status and output, or fail after `timeout`."""
+    argv = [QEMU, '-nodefaults', '-machine', 'pc', '-accel', 'tcg', '-m', '256',
+            '-display', 'none', '-monitor', 'none', '-no-reboot', '-boot', 'n',
+            '-serial', 'file:%s' % serial,
+            '-netdev', 'user,id=net0,bootfile=tftp://10.0.2.2:%d/pxelinux.0' % port,
+            '-device', 'e1000,netdev=net0,mac=%s,romfile=%s' % (MAC, IPXE_ROM)]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        return None, output
+    return proc.returncode, output
+
+
+def test_qemu_guest_boots_the_generated_pxelinux_config(start_server, boot_root, inventory,
+                                                        tmp_path):
+    assert not (boot_root / 'pxelinux.cfg').exists()
+    server = start_server('--content-generator', PXELINUX_GENERATOR, '-v6', root=boot_root,
+                          env=dict(os.environ, PXELINUX_HOSTS=inventory))
+    serial = tmp_path / 'serial.log'
+    started = time.monotonic()
+    status, output = boot(server.port, serial)
+    seconds = time.monotonic() - started
+    console = serial.read_bytes().decode('latin-1') if serial.exists() else ''
+    report = 'QEMU status %s after %.1f s\n--- qemu\n%s\n--- serial (tail)\n%s\n--- server\n%s' % (
+        status, seconds, output, console[-2000:], server.log())
+    assert status == 0, report
+    assert MARKER in console, report
+    server.wait_for_log(r'sent pxelinux\.0 to ')
+    server.wait_for_log(r'generator for \S+/pxelinux\.cfg/01-52-54-00-12-34-56: ok')
+    server.wait_for_log(r'sent pxelinux\.cfg/01-52-54-00-12-34-56 to ')
+    server.wait_for_log(r'sent reboot\.c32 to ')
+    print('netboot: QEMU ran %.1f s' % seconds)
