@@ -1098,6 +1098,152 @@ class Generation:
             self.result = None
 
 
+class GeneratorPool:
+    """All generator runs of a server: the ones running, the ones waiting for
+    a free slot (--generator-max-running), and the short per-client cache of
+    results (--generator-cache)."""
+
+    def __init__(self, server):
+        self.server = server
+        self.config = server.config
+        self.runs = {}              # (client address, path) -> Generation, running or queued
+        self.queue = []             # Generations waiting for a free slot, oldest first
+        self.cache = {}             # (client address, path) -> (expiry, fd or None, reason)
+
+    def busy(self):
+        return bool(self.runs)
+
+    def request(self, transfer, now):
+        """Find or start the generator run for a missing file. A cached result
+        for the same client and name is reused (the UEFI size probe asks
+        twice and must see the same bytes); a run already going for them is
+        joined rather than started again."""
+        key = (transfer.peer[0], transfer.path)
+        cached = self.cache.get(key)
+        if cached is not None and cached[0] > now:
+            self.deliver(transfer, cached[1], now, cached[2] + ', cached')
+            return
+        transfer.state = GENERATING
+        generation = self.runs.get(key)
+        if generation is not None:
+            transfer.generation = generation
+            generation.transfers.append(transfer)
+            return
+        generation = Generation(self.server, key, [self.config.generator, '--file', transfer.path],
+                                self.environment(transfer))
+        transfer.generation = generation
+        generation.transfers.append(transfer)
+        self.runs[key] = generation
+        if self.running() < self.config.generator_max_running:
+            self.start(generation, now)
+        else:
+            self.queue.append(generation)
+
+    def environment(self, transfer):
+        env = {key: value for key, value in os.environ.items() if not key.startswith('TFTP_')}
+        env.update({
+            'TFTP_CLIENT_ADDR': transfer.peer[0],
+            'TFTP_CLIENT_PORT': str(transfer.peer[1]),
+            'TFTP_SERVER_ADDR': transfer.local[0],
+            'TFTP_REQUEST': transfer.request.filename,
+            'TFTP_FILE': transfer.path,
+            'TFTP_ROOT': self.config.root,
+            'TFTP_MODE': transfer.request.mode,
+            'TFTP_OPTIONS': ' '.join('%s=%s' % pair for pair in transfer.request.options),
+        })
+        return env
+
+    def running(self):
+        return sum(1 for run in self.runs.values() if run.proc is not None)
+
+    def start(self, generation, now):
+        try:
+            generation.start(now)
+        except OSError as exc:
+            generation.reason = 'cannot run %s: %s' % (self.config.generator, exc)
+            self.end(generation, now)
+
+    def poll_all(self, now):
+        """After SIGCHLD: which of our children has ended?"""
+        for generation in list(self.runs.values()):
+            self.poll(generation, now)
+
+    def poll(self, generation, now):
+        if generation.proc is not None and generation.poll(now):
+            self.end(generation, now)
+
+    def sweep(self, now):
+        """Enforce the timeouts, expire the cache; return the next deadline."""
+        soonest = float('inf')
+        for generation in list(self.runs.values()):
+            if generation.deadline is not None and generation.deadline <= now:
+                self.poll(generation, now)
+            if generation.proc is not None:
+                soonest = min(soonest, generation.deadline)
+        return min(soonest, self.expire_cache(now))
+
+    def end(self, generation, now):
+        if generation.temp is not None:     # it could not even start
+            generation.temp.close()
+            generation.temp = None
+        self.runs.pop(generation.key, None)
+        seconds = now - (generation.started or now)
+        self.server.log.info('generator for %s: %s (%.3f s)', escape(generation.argv[2]),
+                             generation.reason, seconds)
+        fd = generation.result
+        generation.result = None
+        if self.config.generator_cache > 0:
+            self.store(generation.key, fd, generation.reason, now)
+        for transfer in generation.transfers:
+            if transfer.state == GENERATING:
+                transfer.generation = None
+                self.server.dispatch(lambda t=transfer: self.deliver(t, fd, now, generation.reason),
+                                     transfer)
+        if fd is not None and self.config.generator_cache <= 0:
+            os.close(fd)
+        while self.queue and self.running() < self.config.generator_max_running:
+            self.start(self.queue.pop(0), now)
+
+    def deliver(self, transfer, fd, now, reason):
+        if fd is None:
+            # "Not mine" (exit 1, or nothing written) is routine: PXELINUX
+            # probes ten names per boot. Anything else is worth a notice.
+            transfer.quiet = reason.split(',')[0] in ('exit status 1', 'no output')
+            transfer.finish('not found (generator: %s)' % reason, ERR_NOT_FOUND)
+            return
+        own = os.dup(fd)
+        transfer.begin(FileSource(own, os.fstat(own).st_size), now)
+
+    def store(self, key, fd, reason, now):
+        old = self.cache.pop(key, None)
+        if old is not None and old[1] is not None:
+            os.close(old[1])
+        self.cache[key] = (now + self.config.generator_cache, fd, reason)
+        self.server.note_deadline(now + self.config.generator_cache)
+
+    def expire_cache(self, now):
+        soonest = float('inf')
+        for key, (expiry, fd, _reason) in list(self.cache.items()):
+            if expiry <= now:
+                del self.cache[key]
+                if fd is not None:
+                    os.close(fd)
+            else:
+                soonest = min(soonest, expiry)
+        return soonest
+
+    def close(self):
+        """Server stopping: kill every run, drop the cache."""
+        for generation in list(self.runs.values()):
+            generation.cancel()
+        self.runs.clear()
+        self.queue = []
+        for _expiry, fd, _reason in self.cache.values():
+            if fd is not None:
+                os.close(fd)
+        self.cache.clear()
+
+
 ###############################################################################
 # Server ######################################################################
 ###############################################################################
@@ -1167,9 +1313,7 @@ class Server:
         self.selector = selectors.DefaultSelector()
         self.transfers = {}         # client (address, port) -> Transfer
         self.waiting = {}           # client -> (listener, request datagram, local, seen), FIFO
-        self.generations = {}       # (client address, path) -> Generation running
-        self.generator_queue = []   # Generations waiting for a free slot
-        self.cache = {}             # (client address, path) -> (expiry, fd or None)
+        self.generators = GeneratorPool(self)
         self.next_sweep = float('inf')
         self.stopping = False
         self.exit_status = 0
@@ -1232,12 +1376,7 @@ class Server:
                     self.dispatch(lambda t=transfer: t.on_timeout(now), transfer)
                 if transfer.state != DONE and transfer.deadline is not None:
                     next_sweep = min(next_sweep, transfer.deadline)
-        for generation in list(self.generations.values()):
-            if generation.deadline is not None and generation.deadline <= now:
-                self.poll_generation(generation, now)
-            if generation.deadline is not None and generation.proc is not None:
-                next_sweep = min(next_sweep, generation.deadline)
-        next_sweep = min(next_sweep, self.expire_waiting(now), self.expire_cache(now))
+        next_sweep = min(next_sweep, self.generators.sweep(now), self.expire_waiting(now))
         self.next_sweep = next_sweep
 
     def note_deadline(self, deadline):
@@ -1245,7 +1384,7 @@ class Server:
             self.next_sweep = deadline
 
     def is_quiet(self):
-        return not self.transfers and not self.waiting and not self.generations
+        return not self.transfers and not self.waiting and not self.generators.busy()
 
     def is_idle(self, now):
         return self.is_quiet() and now - self.last_activity >= self.config.idle_timeout
@@ -1283,9 +1422,7 @@ class Server:
             elif signum == signal.SIGUSR1:
                 self.log_stats()
             elif signum == signal.SIGCHLD:
-                now = time.monotonic()
-                for generation in list(self.generations.values()):
-                    self.poll_generation(generation, now)
+                self.generators.poll_all(time.monotonic())
 
     def log_stats(self):
         s = self.stats
@@ -1390,7 +1527,7 @@ class Server:
             self.log.info('serving %s to %s', name, client)
             transfer.begin(source, now)
         elif config.generator:
-            self.generate(transfer, now)
+            self.generators.request(transfer, now)
         else:
             del self.transfers[peer]
             self.log.info('%s: %s not found', client, name)
@@ -1510,108 +1647,6 @@ class Server:
         self.log.log(level, 'failed %s %s %s %s: %s; %s', 'sending' if reading else 'receiving',
                      name, 'to' if reading else 'from', client, outcome, transfer.summary())
 
-    # -- the content generator --
-
-    def generate(self, transfer, now):
-        """Find or start the generator run for a missing file. A cached result
-        for the same client and name is reused (the UEFI size probe asks
-        twice and must see the same bytes); a run already going for them is
-        joined rather than started again."""
-        key = (transfer.peer[0], transfer.path)
-        cached = self.cache.get(key)
-        if cached is not None and cached[0] > now:
-            self.deliver(transfer, cached[1], now, cached[2] + ', cached')
-            return
-        generation = self.generations.get(key)
-        if generation is None:
-            generation = Generation(self, key, [self.config.generator, '--file', transfer.path],
-                                    self.generator_env(transfer))
-            self.generations[key] = generation
-            if self.running_generators() < self.config.generator_max_running:
-                self.start_generation(generation, now)
-            else:
-                self.generator_queue.append(generation)
-        transfer.state = GENERATING
-        transfer.generation = generation
-        generation.transfers.append(transfer)
-
-    def generator_env(self, transfer):
-        env = {key: value for key, value in os.environ.items() if not key.startswith('TFTP_')}
-        env.update({
-            'TFTP_CLIENT_ADDR': transfer.peer[0],
-            'TFTP_CLIENT_PORT': str(transfer.peer[1]),
-            'TFTP_SERVER_ADDR': transfer.local[0],
-            'TFTP_REQUEST': transfer.request.filename,
-            'TFTP_FILE': transfer.path,
-            'TFTP_ROOT': self.config.root,
-            'TFTP_MODE': transfer.request.mode,
-            'TFTP_OPTIONS': ' '.join('%s=%s' % pair for pair in transfer.request.options),
-        })
-        return env
-
-    def running_generators(self):
-        return sum(1 for g in self.generations.values() if g.proc is not None)
-
-    def start_generation(self, generation, now):
-        try:
-            generation.start(now)
-        except OSError as exc:
-            generation.reason = 'cannot run %s: %s' % (self.config.generator, exc)
-            self.end_generation(generation, now)
-
-    def poll_generation(self, generation, now):
-        if generation.proc is not None and generation.poll(now):
-            self.end_generation(generation, now)
-
-    def end_generation(self, generation, now):
-        if generation.temp is not None:     # could not even start
-            generation.temp.close()
-            generation.temp = None
-        self.generations.pop(generation.key, None)
-        seconds = now - (generation.started or now)
-        name = escape(generation.argv[2])
-        self.log.info('generator for %s: %s (%.3f s)', name, generation.reason, seconds)
-        fd = generation.result
-        generation.result = None
-        if self.config.generator_cache > 0:
-            self.store_cache(generation.key, fd, generation.reason, now)
-        for transfer in generation.transfers:
-            if transfer.state == GENERATING:
-                transfer.generation = None
-                self.deliver(transfer, fd, now, generation.reason)
-        if fd is not None and self.config.generator_cache <= 0:
-            os.close(fd)
-        while self.generator_queue and self.running_generators() < self.config.generator_max_running:
-            self.start_generation(self.generator_queue.pop(0), now)
-
-    def deliver(self, transfer, fd, now, reason):
-        if fd is None:
-            # "Not mine" (exit 1, or nothing written) is routine: PXELINUX
-            # probes ten names per boot. Anything else is worth a notice.
-            transfer.quiet = reason.split(',')[0] in ('exit status 1', 'no output')
-            transfer.finish('not found (generator: %s)' % reason, ERR_NOT_FOUND)
-            return
-        own = os.dup(fd)
-        transfer.begin(FileSource(own, os.fstat(own).st_size), now)
-
-    def store_cache(self, key, fd, reason, now):
-        old = self.cache.pop(key, None)
-        if old is not None and old[1] is not None:
-            os.close(old[1])
-        self.cache[key] = (now + self.config.generator_cache, fd, reason)
-        self.note_deadline(now + self.config.generator_cache)
-
-    def expire_cache(self, now):
-        soonest = float('inf')
-        for key, (expiry, fd, _reason) in list(self.cache.items()):
-            if expiry <= now:
-                del self.cache[key]
-                if fd is not None:
-                    os.close(fd)
-            else:
-                soonest = min(soonest, expiry)
-        return soonest
-
     # -- stopping --
 
     def shutdown(self):
@@ -1622,14 +1657,7 @@ class Server:
                 transfer.finish('received')     # complete; only waiting for a repeat
             else:
                 transfer.finish('server stopping', ERR_UNDEFINED, 'Server shutting down')
-        for generation in list(self.generations.values()) + self.generator_queue:
-            generation.cancel()
-        self.generations.clear()
-        self.generator_queue = []
-        for _expiry, fd, _reason in self.cache.values():
-            if fd is not None:
-                os.close(fd)
-        self.cache.clear()
+        self.generators.close()
         self.log_stats()
         for listener in self.listeners:
             self.forget_socket(listener.sock)

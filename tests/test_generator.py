@@ -401,3 +401,17 @@ def test_inetd_socket_on_0_1_2_does_not_reach_the_generator(tftp_root, tmp_path,
         proc.terminate()
         assert proc.wait(20) == 0
         sock.close()
+
+
+def test_generator_that_cannot_be_run_any_more_is_not_found(start_server, tmp_path):
+    """Checked at start-up, but it may be removed or made non-executable later:
+    the request gets ERROR 1, the server says why and keeps serving."""
+    generator = make_generator(tmp_path, 'printf x >&3')
+    server = start_server('--content-generator', generator)
+    os.chmod(generator, 0o644)
+    with pytest.raises(TftpError) as info:
+        fetch(server, 'gone')
+    assert info.value.code == atftpd.ERR_NOT_FOUND
+    server.wait_for_log('failed sending gone .*cannot run')
+    assert fetch(server, 'small.txt')[0] == b'hello, tftp\n'
+    assert not server.children()
