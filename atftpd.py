@@ -1260,16 +1260,18 @@ def local_address(ancdata, listener_addr):
     the interface's own address when the request was a broadcast, which is
     the address we must answer from. Mapped IPv4 on a dual-stack socket
     comes back as plain IPv4."""
+    found = (listener_addr, 0)
     for level, kind, data in ancdata:
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
-            return socket.inet_ntop(socket.AF_INET, data[4:8]), 0
+            return socket.inet_ntop(socket.AF_INET, data[4:8]), 0   # preferred: spec_dst
         if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 20:
             address = socket.inet_ntop(socket.AF_INET6, data[:16])
             ifindex = struct.unpack('@I', data[16:20])[0]
             if address.startswith('::ffff:') and '.' in address:
-                return address[7:], 0
-            return address, ifindex if address.startswith('fe80') else 0
-    return listener_addr, 0
+                found = (address[7:], 0)
+            else:
+                found = (address, ifindex if address.startswith('fe80') else 0)
+    return found
 
 
 def plain_peer(addr):
