@@ -41,6 +41,7 @@ import errno
 import grp
 import os
 import pwd
+import re
 import selectors
 import signal
 import socket
@@ -446,6 +447,81 @@ def check_inside_root(root_real, path):
     real = os.path.realpath(path)
     if real != root_real and not real.startswith(root_real.rstrip('/') + '/'):
         raise PacketError(ERR_ACCESS, 'Access violation')
+
+
+###############################################################################
+# Name substitution (--pcre) ##################################################
+###############################################################################
+
+class Substitutions:
+    """atftpd's --pcre file: one `pattern replacement` pair a line. When a
+    requested file cannot be found, the first pattern that matches the name
+    as the client sent it has its match (the first one, as Perl's s///
+    without /g) replaced; the new name is checked against the root again and
+    opened, and only if that fails too is the content generator asked, with
+    the substituted name.
+
+    atftpd's files work as they are: PCRE's `$1`, `${1}` and `$0` in the
+    replacement, and `(?<name>...)` in the pattern, are translated to Python's
+    re. Beyond atftpd: blank lines and lines starting with '#' are skipped,
+    and a bad line is reported with its number (atftpd drops the whole file).
+    """
+
+    def __init__(self, rules, path=None):
+        self.rules = rules          # [(compiled pattern, re replacement template)]
+        self.path = path
+
+    @classmethod
+    def load(cls, path):
+        """Read a pattern file; ValueError('FILE:N: why') for a bad line."""
+        rules = []
+        with open(path, encoding='utf-8', errors='surrogateescape') as f:
+            for number, line in enumerate(f, 1):
+                fields = line.split()
+                if not fields or fields[0].startswith('#'):
+                    continue
+                if len(fields) != 2:
+                    raise ValueError('%s:%d: expected "pattern replacement"' % (path, number))
+                try:
+                    pattern = re.compile(re.sub(r'\(\?<(?=[A-Za-z_])', '(?P<', fields[0]))
+                    template = pcre_replacement(fields[1])
+                    pattern.sub(template, '')       # refers to groups that exist?
+                except (re.error, IndexError) as exc:
+                    raise ValueError('%s:%d: %s' % (path, number, exc))
+                rules.append((pattern, template))
+        return cls(rules, path)
+
+    def apply(self, name):
+        """The substituted name, or None when no pattern matches."""
+        for pattern, template in self.rules:
+            try:
+                new, count = pattern.subn(template, name, count=1)
+            except (re.error, IndexError):
+                continue            # a group that did not take part in the match
+            if count:
+                return new
+        return None
+
+
+def pcre_replacement(text):
+    """A PCRE2 substitution string as a template for Python's re.sub:
+    $N and ${N} are groups, $$ is a dollar, a backslash is literal."""
+    out = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        match = re.match(r'\$(?:(\d+)|\{(\w+)\})', text[i:])
+        if match:
+            out.append('\\g<%s>' % (match.group(1) or match.group(2)))
+            i += match.end()
+            continue
+        if text.startswith('$$', i):
+            out.append('$')
+            i += 2
+            continue
+        out.append('\\\\' if char == '\\' else char)
+        i += 1
+    return ''.join(out)
 
 
 ###############################################################################
@@ -1316,6 +1392,7 @@ class Server:
         self.transfers = {}         # client (address, port) -> Transfer
         self.waiting = {}           # client -> (listener, request datagram, local, seen), FIFO
         self.generators = GeneratorPool(self)
+        self.substitutions = config.substitutions
         self.next_sweep = float('inf')
         self.stopping = False
         self.exit_status = 0
@@ -1421,6 +1498,7 @@ class Server:
             elif signum == signal.SIGHUP:
                 self.log.open()
                 self.log.notice('received SIGHUP, log reopened')
+                self.reload_substitutions()
             elif signum == signal.SIGUSR1:
                 self.log_stats()
             elif signum == signal.SIGCHLD:
@@ -1508,16 +1586,10 @@ class Server:
         name = escape(request.filename)
         try:
             path = resolve_path(config.root, request.filename)
-        except PacketError as exc:
-            self.log.notice('%s: refused %s: outside the root', client, name)
-            self.stats['refused'] += 1
-            self.answer_error(peer, exc.code, exc.message, local)
-            return
-        if request.opcode == OP_WRQ:
-            self.start_write(listener, request, peer, local, path)
-            return
-        try:
-            source = open_source(path, self.root_real, config.world_readable_only)
+            if request.opcode == OP_WRQ:
+                self.start_write(listener, request, peer, local, path)
+                return
+            path, source = self.open_for_read(request.filename, path, client)
         except PacketError as exc:
             self.log.notice('%s: refused %s: %s', client, name, exc.message)
             self.stats['refused'] += 1
@@ -1535,6 +1607,28 @@ class Server:
             self.log.info('%s: %s not found', client, name)
             self.stats['failed'] += 1
             self.answer_error(peer, ERR_NOT_FOUND, None, local)
+
+    def open_for_read(self, name, path, client):
+        """(path, FileSource or None): the file, or else the one --pcre names."""
+        source = open_source(path, self.root_real, self.config.world_readable_only)
+        if source is None and self.substitutions is not None:
+            new_name = self.substitutions.apply(name)
+            if new_name is not None:
+                self.log.info('%s: %s substituted by %s', client, escape(name), escape(new_name))
+                path = resolve_path(self.config.root, new_name)
+                source = open_source(path, self.root_real, self.config.world_readable_only)
+        return path, source
+
+    def reload_substitutions(self):
+        """SIGHUP: read the --pcre file again; keep the old rules if it is bad."""
+        if self.substitutions is None or not self.substitutions.path:
+            return
+        try:
+            self.substitutions = Substitutions.load(self.substitutions.path)
+            self.log.notice('pattern file %s reloaded: %d rules', self.substitutions.path,
+                            len(self.substitutions.rules))
+        except (OSError, ValueError) as exc:
+            self.log.error('pattern file not reloaded, keeping the old rules: %s', exc)
 
     def start_write(self, listener, request, peer, local, path):
         client = format_addr(peer)
@@ -1853,7 +1947,7 @@ GENERATOR_HELP = '''content generator:
 # multicast settings on every start, so those are only noted; the others
 # change what is served, so they are warned about.
 MULTICAST_OPTIONS = ('mcast_ttl', 'mcast_addr', 'mcast_port', 'mcast_switch_client')
-UNSUPPORTED_OPTIONS = ('pcre', 'pcre_test', 'mtftp', 'mtftp_port')
+UNSUPPORTED_OPTIONS = ('mtftp', 'mtftp_port')
 
 
 def positive_int(text):
@@ -1923,10 +2017,13 @@ def build_parser():
              '(default 10, 0 = off)')
     for name in ('no-multicast', 'mcast-switch-client'):
         opt('--' + name, action='store_true', help='accepted for atftpd; not supported yet')
-    for name in ('mcast-ttl', 'mcast-addr', 'mcast-port', 'pcre', 'mtftp', 'mtftp-port'):
+    for name in ('mcast-ttl', 'mcast-addr', 'mcast-port', 'mtftp', 'mtftp-port'):
         opt('--' + name, '--' + name.replace('-', '_'), metavar='X',
             help='accepted for atftpd; not supported yet')
-    opt('--pcre-test', metavar='FILE', help='accepted for atftpd; not supported yet')
+    opt('--pcre', metavar='FILE', help='rename missing files by pattern (atftpd format; '
+        'SIGHUP reloads)')
+    opt('--pcre-test', metavar='FILE', help='read names on stdin, print what --pcre FILE '
+        'makes of them, exit')
     opt('-V', '--version', action='version', version='atftpd.py %s' % __version__)
     return parser
 
@@ -2008,6 +2105,14 @@ def config_from_args(parser, argv):
             parser.error('argument --content-generator: %s is not an executable file'
                          % config.generator)
     config.generator_tmpdir = None
+    config.substitutions = None
+    config.pcre_test = args.pcre_test
+    for path in (args.pcre, args.pcre_test):
+        if path:
+            try:
+                config.substitutions = Substitutions.load(path)
+            except (OSError, ValueError) as exc:
+                parser.error('argument --pcre: %s' % exc)
     config.permissive = args.permissive
     config.umask = os.umask(0)
     os.umask(config.umask)
@@ -2034,10 +2139,28 @@ def check_root(config):
     return None
 
 
+def pcre_test(substitutions, lines, out):
+    """--pcre-test: what the pattern file makes of each name, until an
+    empty line or the end of input (atftpd's output format)."""
+    for line in lines:
+        name = line.rstrip('\r\n')
+        if not name:
+            break
+        new_name = substitutions.apply(name)
+        if new_name is None:
+            out.write('No substitution: "%s"\n' % name)
+        else:
+            out.write('Substitution: "%s" -> "%s"\n' % (name, new_name))
+        out.flush()
+    return 0
+
+
 def main(argv=None):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     config = config_from_args(parser, argv)
+    if config.pcre_test:
+        return pcre_test(config.substitutions, sys.stdin, sys.stdout)
     problem = check_root(config)
     if problem:
         parser.error(problem)
