@@ -190,12 +190,14 @@ class Log:
 
 
 class PacketError(Exception):
-    """A malformed or unacceptable packet; `code` is the TFTP error to answer."""
+    """A malformed or unacceptable request: `code` and `message` go to the
+    client in an ERROR, `reason` (default: the message) goes to the log."""
 
-    def __init__(self, code, message):
+    def __init__(self, code, message, reason=None):
         Exception.__init__(self, message)
         self.code = code
         self.message = message
+        self.reason = reason or message
 
 
 class Request:
@@ -433,11 +435,11 @@ def resolve_path(root, name):
     parts = []
     for part in name.split('/'):
         if part == '..':
-            raise PacketError(ERR_ACCESS, 'Access violation')
+            raise PacketError(ERR_ACCESS, 'Access violation', 'outside the root')
         if part and part != '.':
             parts.append(part)
     if not parts:
-        raise PacketError(ERR_ACCESS, 'Access violation')
+        raise PacketError(ERR_ACCESS, 'Access violation', 'the root itself')
     return root + '/' + '/'.join(parts)
 
 
@@ -446,7 +448,7 @@ def check_inside_root(root_real, path):
     stay inside the root are followed."""
     real = os.path.realpath(path)
     if real != root_real and not real.startswith(root_real.rstrip('/') + '/'):
-        raise PacketError(ERR_ACCESS, 'Access violation')
+        raise PacketError(ERR_ACCESS, 'Access violation', 'outside the root')
 
 
 ###############################################################################
@@ -587,14 +589,15 @@ def open_source(path, root_real, require_world_readable):
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return None
         if exc.errno == errno.EACCES:
-            raise PacketError(ERR_ACCESS, 'Access violation')
+            raise PacketError(ERR_ACCESS, 'Access violation', 'permission denied')
         raise PacketError(ERR_UNDEFINED, os.strerror(exc.errno))
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise PacketError(ERR_ACCESS, 'Access violation')
+            raise PacketError(ERR_ACCESS, 'Access violation', 'not a regular file')
         if require_world_readable and not info.st_mode & stat.S_IROTH:
-            raise PacketError(ERR_ACCESS, 'Access violation')
+            raise PacketError(ERR_ACCESS, 'Access violation',
+                              'not world-readable (running as root; see --permissive)')
         check_inside_root(root_real, path)
     except BaseException:
         os.close(fd)
@@ -1591,7 +1594,7 @@ class Server:
                 return
             path, source = self.open_for_read(request.filename, path, client)
         except PacketError as exc:
-            self.log.notice('%s: refused %s: %s', client, name, exc.message)
+            self.log.notice('%s: refused %s: %s', client, name, exc.reason)
             self.stats['refused'] += 1
             self.answer_error(peer, exc.code, exc.message, local)
             return
@@ -1636,7 +1639,7 @@ class Server:
         try:
             mode = self.check_upload(path)
         except PacketError as exc:
-            self.log.notice('%s: upload of %s refused: %s', client, name, exc.message)
+            self.log.notice('%s: upload of %s refused: %s', client, name, exc.reason)
             self.stats['refused'] += 1
             self.answer_error(peer, exc.code, exc.message, local)
             return

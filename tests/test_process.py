@@ -301,5 +301,5 @@ def test_root_serves_only_world_readable_files(start_server, public_root, permis
         with pytest.raises(TftpError) as exc:
             download(server, 'secret.txt')
         assert exc.value.code == atftpd.ERR_ACCESS
-        server.wait_for_log(r'refused secret\.txt: Access violation')
+        server.wait_for_log(r'refused secret\.txt: not world-readable')
     assert server.stop() == 0
