@@ -1,0 +1,482 @@
+"""openwrt/: the procd init script run against a recording stand-in for
+rc.common, procd and UCI (tests/openwrt_stub.sh), the feed Makefile, and
+the .ipk that build-ipk.sh makes, unpacked and its server run for real."""
+
+import os
+import pwd
+import re
+import shlex
+import stat
+import sys
+import tarfile
+
+import pytest
+
+from conftest import PROJECT, RawClient
+from router_support import (ForegroundServer, IS_ROOT, need_program, run, shellcheck)
+
+import atftpd
+
+OPENWRT = os.path.join(PROJECT, 'openwrt')
+INIT = os.path.join(OPENWRT, 'files', 'atftpd.init')
+CONFIG = os.path.join(OPENWRT, 'files', 'atftpd.config')
+MAKEFILE = os.path.join(OPENWRT, 'Makefile')
+BUILD_IPK = os.path.join(OPENWRT, 'build-ipk.sh')
+STUB = os.path.join(PROJECT, 'tests', 'openwrt_stub.sh')
+PROG = '/usr/sbin/atftpd.py'
+FRAMEWORK_CODES = 'SC2034,SC2154,SC3043'
+
+
+# shellcheck ###################################################################
+
+@pytest.mark.parametrize('path', [INIT, BUILD_IPK, STUB], ids=os.path.basename)
+def test_script_is_shellcheck_clean(path):
+    result = shellcheck(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_init_disables_only_the_procd_framework_warnings():
+    with open(INIT) as f:
+        directives = [line for line in f if 'shellcheck' in line]
+    assert len(directives) == 1, directives
+    match = re.match(r'# shellcheck disable=(\S+) # \S.*', directives[0])
+    assert match and match.group(1) == FRAMEWORK_CODES, directives[0]
+
+
+def test_init_header_is_procd_shaped():
+    with open(INIT) as f:
+        text = f.read()
+    assert text.startswith('#!/bin/sh /etc/rc.common\n')
+    assert re.search(r'^START=\d\d$', text, re.M)
+    assert re.search(r'^USE_PROCD=1$', text, re.M)
+    assert re.search(r'^PROG=%s$' % re.escape(PROG), text, re.M)
+    assert os.stat(INIT).st_mode & 0o111, 'init script must be executable (scp keeps the mode)'
+
+
+# The init script under the stub ##############################################
+
+class InitRun:
+    """The result of `/etc/init.d/atftpd ACTION` under the stub."""
+
+    def __init__(self, result, calls):
+        self.result = result
+        self.calls = calls                  # [(function, [args])]
+
+    @property
+    def stdout(self):
+        return self.result.stdout
+
+    @property
+    def stderr(self):
+        return self.result.stderr
+
+    def named(self, function):
+        return [args for name, args in self.calls if name == function]
+
+    def instances(self):
+        """{instance name: {param: [values]}} as procd would hold them."""
+        found = {}
+        current = None
+        for name, args in self.calls:
+            if name == 'procd_open_instance':
+                current = found.setdefault(args[0] if args else 'instance', {})
+            elif name == 'procd_close_instance':
+                current = None
+            elif name == 'procd_set_param':
+                assert current is not None, 'procd_set_param outside an instance'
+                current[args[0]] = list(args[1:])
+            elif name == 'procd_append_param':
+                assert current is not None, 'procd_append_param outside an instance'
+                current.setdefault(args[0], []).extend(args[1:])
+            elif name == 'procd_add_mdns':
+                assert current is not None, 'procd_add_mdns outside an instance'
+                current['mdns'] = list(args)
+        return found
+
+
+def run_init(tmp_path, uci, action='start', env=None):
+    """Run the init script, installed as <tmp>/etc/init.d/atftpd, with
+    `uci` as /etc/config/atftpd."""
+    need_program('busybox', 'busybox')
+    initd = tmp_path / 'etc' / 'init.d'
+    initd.mkdir(parents=True, exist_ok=True)
+    (tmp_path / 'etc' / 'rc.d').mkdir(exist_ok=True)
+    (tmp_path / 'etc' / 'config').mkdir(exist_ok=True)
+    script = initd / 'atftpd'
+    with open(INIT) as f:
+        script.write_text(f.read())
+    (tmp_path / 'etc' / 'config' / 'atftpd').write_text(uci)
+    log = tmp_path / 'procd.log'
+    if log.exists():
+        log.unlink()
+    environ = dict(os.environ, STUB_LOG=str(log), STUB_PYTHON=sys.executable,
+                   UCI_CONFIG_DIR=str(tmp_path / 'etc' / 'config'),
+                   IPKG_INSTROOT=str(tmp_path))
+    environ.update(env or {})
+    result = run(['busybox', 'sh', STUB, str(script), action], env=environ)
+    calls = []
+    if log.exists():
+        for line in log.read_text().splitlines():
+            words = shlex.split(line)
+            calls.append((words[0], words[1:]))
+    return InitRun(result, calls)
+
+
+def uci_section(options, name='service', kind='service'):
+    head = "config %s '%s'\n" % (kind, name) if name else 'config %s\n' % kind
+    lines = []
+    for key, value in options:
+        keyword = 'list' if key.startswith('list ') else 'option'
+        key = key.split(' ', 1)[-1]
+        lines.append("\t%s %s '%s'\n" % (keyword, key, value))
+    return head + ''.join(lines) + '\n'
+
+
+@pytest.fixture
+def served(tmp_path):
+    root = tmp_path / 'srv'
+    root.mkdir()
+    (root / 'hello.txt').write_bytes(b'hello from procd\n')
+    return str(root)
+
+
+@pytest.fixture
+def generator(tmp_path):
+    path = tmp_path / 'generator.sh'
+    path.write_text('#!/bin/sh\nprintf "generated for %s\\n" "$TFTP_REQUEST" >&3\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+def shipped_config(root):
+    with open(CONFIG) as f:
+        text = f.read()
+    assert "option path '/srv/tftp'" in text
+    return text.replace("'/srv/tftp'", "'%s'" % root)
+
+
+def test_shipped_config_gives_the_atftpd_package_command_line(tmp_path, served):
+    run_ = run_init(tmp_path, shipped_config(served))
+    assert run_.result.returncode == 0, run_.stderr
+    assert run_.instances() == {'service': {
+        'command': [PROG, '--daemon', '--no-fork', '--logfile', '-',
+                    '--user', 'root.root', '--port', '69', served],
+        'stdout': ['1'],
+        'stderr': ['1'],
+        'respawn': [],
+        'mdns': ['tftp', 'udp', '69', 'daemon=atftpd'],
+    }}
+    assert run_.named('procd_open_service') == [['atftpd', str(tmp_path / 'etc/init.d/atftpd')]]
+    assert 'validation failed' not in run_.stdout
+
+
+def test_triggers_reload_on_config_change_and_declare_the_schema(tmp_path, served):
+    run_ = run_init(tmp_path, shipped_config(served))
+    assert run_.named('procd_add_reload_trigger') == [['atftpd']]
+    assert run_.named('procd_add_validation') == [['validate_atftpd_section']]
+    # procd_add_validation runs the validator without a section: the schema,
+    # whose every type the stand-in validate_data knows (status 0).
+    schema = [args for args in run_.named('uci_load_validate') if args[2] == '']
+    assert len(schema) == 1
+    package, kind, _, callback, status = schema[0][:5]
+    assert (package, kind, callback, status) == ('atftpd', 'service', '', '0')
+    types = dict(spec.split(':')[:2] for spec in schema[0][5:])
+    assert types == {
+        'enabled': 'bool', 'path': 'directory', 'port': 'port',
+        'bind_address': 'list(ipaddr)', 'user': 'string', 'verbose': 'range(0,7)',
+        'maxthread': 'min(1)', 'max_blksize': 'range(8,65464)',
+        'allow_write': 'bool', 'allow_create': 'bool', 'generator': 'file',
+        'generator_timeout': 'min(1)', 'generator_max_size': 'min(1)',
+        'generator_max_running': 'min(1)', 'generator_cache': 'uinteger', 'mdns': 'bool',
+    }
+    assert run_.calls[-1] == ('procd_close_service', ['set'])
+
+
+def test_config_of_openwrts_atftpd_package_works_unchanged(tmp_path, served):
+    """net/atftp's atftpd.conf: config service 'service', path and port only."""
+    run_ = run_init(tmp_path, "\nconfig service 'service'\n\toption path '%s'\n"
+                              "\toption port '6969'\n" % served)
+    assert run_.instances()['service']['command'] == [
+        PROG, '--daemon', '--no-fork', '--logfile', '-', '--user', 'root.root',
+        '--port', '6969', served]
+
+
+def test_every_option_maps_to_its_flag_in_order(tmp_path, served, generator):
+    run_ = run_init(tmp_path, uci_section([
+        ('enabled', '1'), ('path', served), ('port', '1069'),
+        ('list bind_address', '192.168.1.1'), ('list bind_address', 'fd00::1'),
+        ('user', 'nobody'), ('verbose', '7'), ('maxthread', '20'), ('max_blksize', '1428'),
+        ('allow_write', 'yes'), ('allow_create', 'on'), ('generator', generator),
+        ('generator_timeout', '5'), ('generator_max_size', '65536'),
+        ('generator_max_running', '2'), ('generator_cache', '0'), ('mdns', '0'),
+    ]))
+    assert run_.result.returncode == 0, run_.stderr
+    assert run_.instances() == {'service': {
+        'command': [PROG, '--daemon', '--no-fork', '--logfile', '-',
+                    '--user', 'nobody', '--port', '1069',
+                    '--bind-address', '192.168.1.1', '--bind-address', 'fd00::1',
+                    '--verbose=7', '--maxthread', '20', '--max-blksize', '1428',
+                    '--allow-write', '--allow-create',
+                    '--content-generator', generator, '--generator-timeout', '5',
+                    '--generator-max-size', '65536', '--generator-max-running', '2',
+                    '--generator-cache', '0', served],
+        'stdout': ['1'],
+        'stderr': ['1'],
+        'respawn': [],
+    }}
+
+
+def test_generator_limits_without_a_generator_are_not_passed(tmp_path, served):
+    run_ = run_init(tmp_path, uci_section([('path', served), ('generator_timeout', '5'),
+                                           ('allow_write', '0')]))
+    command = run_.instances()['service']['command']
+    assert not [arg for arg in command if arg.startswith('--generator')]
+    assert '--allow-write' not in command
+
+
+def test_bind_address_as_an_option_with_two_words(tmp_path, served):
+    run_ = run_init(tmp_path, uci_section([('path', served),
+                                           ('bind_address', '10.0.0.1 ::1')]))
+    command = run_.instances()['service']['command']
+    assert command[-5:] == ['--bind-address', '10.0.0.1', '--bind-address', '::1', served]
+
+
+@pytest.mark.parametrize('value', ['0', 'no', 'off', 'false', 'disabled'])
+def test_enabled_off_starts_no_instance(tmp_path, served, value):
+    run_ = run_init(tmp_path, uci_section([('enabled', value), ('path', served)]))
+    assert run_.result.returncode == 0, run_.stderr
+    assert run_.instances() == {}
+    assert 'validation failed' not in run_.stdout
+    assert run_.named('procd_add_reload_trigger') == [['atftpd']]   # a later enable reloads
+
+
+@pytest.mark.parametrize('option, value', [
+    ('port', 'tftp'),
+    ('port', '70000'),
+    ('port', '-1'),
+    ('path', '/nonexistent/tftp'),
+    ('enabled', 'maybe'),
+    ('verbose', '8'),
+    ('verbose', 'debug'),
+    ('maxthread', '0'),
+    ('max_blksize', '7'),
+    ('max_blksize', '65465'),
+    ('list bind_address', 'router.lan'),
+    ('list bind_address', '192.168.1.300'),
+    ('allow_create', '2'),
+    ('generator', '/nonexistent/generator.sh'),
+    ('generator_timeout', '0'),
+    ('generator_max_size', '1M'),
+    ('generator_max_running', '0'),
+    ('generator_cache', '-5'),
+    ('mdns', 'sometimes'),
+])
+def test_invalid_value_is_reported_and_nothing_started(tmp_path, served, option, value):
+    run_ = run_init(tmp_path, uci_section([('path', served), (option, value)]))
+    assert run_.instances() == {}
+    assert "validation failed: atftpd section 'service' not started" in run_.stdout
+    name = option.split(' ')[-1]
+    assert 'atftpd.service.%s=%s validates as' % (name, value) in run_.stderr
+    logged = run_.named('logger')
+    assert logged and logged[0][:4] == ['-t', 'atftpd', '-p', 'daemon.err']
+
+
+def test_one_instance_per_service_section(tmp_path, served):
+    uci = uci_section([('path', served)]) + uci_section(
+        [('path', served), ('port', '1069'), ('list bind_address', '127.0.0.1')], name=None)
+    uci += uci_section([('path', '/nonexistent')], name='broken')
+    run_ = run_init(tmp_path, uci)
+    instances = run_.instances()
+    assert len(instances) == 2 and 'service' in instances, instances
+    anonymous = [name for name in instances if name != 'service'][0]
+    assert anonymous.startswith('cfg')          # uci's name for an unnamed section
+    assert instances['service']['command'][7:] == ['--port', '69', served]
+    assert instances[anonymous]['command'][7:] == [
+        '--port', '1069', '--bind-address', '127.0.0.1', served]
+    assert "section 'broken' not started" in run_.stdout
+
+
+def test_enable_links_the_start_script(tmp_path, served):
+    run_ = run_init(tmp_path, shipped_config(served), action='enable')
+    assert run_.result.returncode == 0, run_.stderr
+    start = re.search(r'^START=(\d+)$', open(INIT).read(), re.M).group(1)
+    link = tmp_path / 'etc' / 'rc.d' / ('S%satftpd' % start)
+    assert os.readlink(str(link)) == '../init.d/atftpd'
+
+
+def test_procd_command_line_is_accepted_by_the_real_server(tmp_path, served, generator):
+    """The command procd would run, with port 0 and our interpreter, serves
+    a file and a generated one."""
+    user = pwd.getpwuid(os.getuid()).pw_name
+    run_ = run_init(tmp_path, uci_section([
+        ('path', served), ('port', '0'), ('list bind_address', '127.0.0.1'), ('user', user),
+        ('verbose', '6'), ('maxthread', '4'), ('max_blksize', '1428'), ('allow_create', '1'),
+        ('generator', generator), ('generator_timeout', '5'), ('generator_cache', '0'),
+    ]))
+    command = run_.instances()['service']['command']
+    assert command[0] == PROG
+    server = ForegroundServer([sys.executable, os.path.join(PROJECT, 'atftpd.py')] + command[1:])
+    try:
+        with RawClient('127.0.0.1', server.port) as client:
+            assert client.download('hello.txt')[0] == b'hello from procd\n'
+            data, oack = client.download('pxelinux.cfg/x', options=[('blksize', '9000')])
+            assert data == b'generated for pxelinux.cfg/x\n'
+            assert oack == {'blksize': '1428'}
+    finally:
+        status = server.stop()
+    assert status == 0, server.log()
+
+
+# The feed Makefile ###########################################################
+
+def makefile_text():
+    with open(MAKEFILE) as f:
+        return f.read()
+
+
+def test_makefile_is_a_script_only_python_package():
+    text = makefile_text()
+    values = dict(re.findall(r'^\s*([A-Z_]+):=(.*)$', text, re.M))
+    assert values['PKG_VERSION'] == atftpd.__version__
+    assert values['PKG_RELEASE'].isdigit()
+    assert values['PKGARCH'] == 'all'
+    assert values['DEPENDS'] == '+python3-light'
+    assert values['PKG_MAINTAINER']
+    assert re.search(r'^define Package/atftpd-py/conffiles\n/etc/config/atftpd\nendef$',
+                     text, re.M)
+    assert re.search(r'^define Build/Compile\nendef$', text, re.M)
+    assert '$(INSTALL_BIN) $(PKG_BUILD_DIR)/atftpd.py $(1)%s' % PROG in text
+    assert '$(INSTALL_BIN) ./files/atftpd.init $(1)/etc/init.d/atftpd' in text
+    assert '$(INSTALL_CONF) ./files/atftpd.config $(1)/etc/config/atftpd' in text
+    assert "sed '1s|^#!.*|#!/usr/bin/python3|'" in text
+    assert text.rstrip().endswith('$(eval $(call BuildPackage,atftpd-py))')
+
+
+def test_makefile_recipes_are_indented_with_tabs():
+    """Build/* and */install are make recipes: every line starts with a tab."""
+    blocks = re.findall(r'^define (\S+)\n(.*?)^endef$', makefile_text(), re.M | re.S)
+    recipes = [(name, body) for name, body in blocks
+               if name.startswith('Build/') or name.endswith('/install')]
+    assert [name for name, _ in recipes] == ['Build/Prepare', 'Build/Compile',
+                                             'Package/atftpd-py/install']
+    for name, body in recipes:
+        for line in body.splitlines():
+            assert line.startswith('\t') and not line.startswith('\t '), (name, line)
+
+
+# The .ipk ####################################################################
+
+@pytest.fixture(scope='module')
+def ipk(tmp_path_factory):
+    """build-ipk.sh run under busybox sh (as on a router's shell), unpacked
+    with tar: {'path', 'outer', 'control', 'data', 'dir'}."""
+    need_program('busybox', 'busybox')
+    out = tmp_path_factory.mktemp('ipk')
+    result = run(['busybox', 'sh', BUILD_IPK, str(out)])
+    assert result.returncode == 0, result.stderr
+    path = result.stdout.strip()
+    assert os.path.dirname(path) == str(out)
+    unpacked = out / 'unpacked'
+    for part in ('outer', 'control', 'data'):
+        (unpacked / part).mkdir(parents=True)
+    assert run(['tar', '-xzf', path, '-C', str(unpacked / 'outer')]).returncode == 0
+    for part in ('control', 'data'):
+        archive = str(unpacked / 'outer' / ('%s.tar.gz' % part))
+        assert run(['tar', '-xzf', archive, '-C', str(unpacked / part)]).returncode == 0
+    return {'path': path, 'dir': unpacked}
+
+
+def members(archive):
+    with tarfile.open(archive, 'r:gz') as tar:
+        return {info.name: info for info in tar.getmembers()}
+
+
+def release():
+    return re.search(r'^PKG_RELEASE:=(\d+)$', makefile_text(), re.M).group(1)
+
+
+def test_ipk_is_a_gzipped_tar_of_the_three_members(ipk):
+    version = '%s-%s' % (atftpd.__version__, release())
+    assert os.path.basename(ipk['path']) == 'atftpd-py_%s_all.ipk' % version
+    with open(ipk['path'], 'rb') as f:
+        assert f.read(2) == b'\x1f\x8b'
+    with tarfile.open(ipk['path'], 'r:gz') as tar:
+        assert tar.getnames() == ['./debian-binary', './control.tar.gz', './data.tar.gz']
+    assert (ipk['dir'] / 'outer' / 'debian-binary').read_text() == '2.0\n'
+
+
+def test_ipk_control_fields_and_conffiles(ipk):
+    text = (ipk['dir'] / 'control' / 'control').read_text()
+    fields = dict(re.findall(r'^([A-Za-z-]+): (.*)$', text, re.M))
+    assert fields['Package'] == 'atftpd-py'
+    assert fields['Version'] == '%s-%s' % (atftpd.__version__, release())
+    assert fields['Depends'] == 'python3-light'
+    assert fields['Architecture'] == 'all'
+    assert fields['Conflicts'] == 'atftpd'
+    assert fields['Description'] and re.search(r'^Description: .*\n( \S.*\n)+', text, re.M)
+    assert fields['Maintainer']
+    assert (ipk['dir'] / 'control' / 'conffiles').read_text() == '/etc/config/atftpd\n'
+    names = set(members(str(ipk['dir'] / 'outer' / 'control.tar.gz')))
+    assert names == {'./control', './conffiles', './postinst', './prerm'}
+
+
+def test_ipk_maintainer_scripts_are_openwrts_defaults(ipk):
+    for name, call in (('postinst', 'default_postinst'), ('prerm', 'default_prerm')):
+        path = str(ipk['dir'] / 'control' / name)
+        result = shellcheck(path)
+        assert result.returncode == 0, result.stdout
+        with open(path) as f:
+            text = f.read()
+        assert text.startswith('#!/bin/sh\n') and '%s "$0" "$@"' % call in text
+
+
+def test_ipk_data_files_modes_and_owner(ipk):
+    info = members(str(ipk['dir'] / 'outer' / 'data.tar.gz'))
+    files = {name: stat.S_IMODE(i.mode) for name, i in info.items() if i.isfile()}
+    assert files == {'.%s' % PROG: 0o755, './etc/init.d/atftpd': 0o755,
+                     './etc/config/atftpd': 0o644}
+    for name, i in info.items():
+        assert (i.uid, i.gid) == (0, 0), name
+        if i.isdir():
+            assert stat.S_IMODE(i.mode) == 0o755, name
+    assert not [name for name, i in info.items() if not (i.isfile() or i.isdir())]
+
+
+def test_ipk_files_are_the_shipped_ones(ipk):
+    data = ipk['dir'] / 'data'
+    assert (data / 'etc/init.d/atftpd').read_bytes() == open(INIT, 'rb').read()
+    assert (data / 'etc/config/atftpd').read_bytes() == open(CONFIG, 'rb').read()
+    server = (data / PROG.lstrip('/')).read_bytes().split(b'\n', 1)
+    original = open(os.path.join(PROJECT, 'atftpd.py'), 'rb').read().split(b'\n', 1)
+    assert server[0] == b'#!/usr/bin/python3'
+    assert server[1] == original[1]
+
+
+def test_ipk_server_runs_and_serves(ipk, tmp_path):
+    root = tmp_path / 'root'
+    root.mkdir()
+    payload = os.urandom(5000)
+    (root / 'file.bin').write_bytes(payload)
+    program = str(ipk['dir'] / 'data' / PROG.lstrip('/'))
+    argv = [sys.executable, program, '--daemon', '--no-fork', '--port', '0',
+            '--bind-address', '127.0.0.1', '--logfile', '-']
+    argv += ['--user', 'root.root'] if IS_ROOT else []
+    server = ForegroundServer(argv + [str(root)])
+    try:
+        with RawClient('127.0.0.1', server.port) as client:
+            assert client.download('file.bin')[0] == payload
+    finally:
+        status = server.stop()
+    assert status == 0, server.log()
+    version = run([sys.executable, program, '--version'])
+    assert version.stdout.strip() == 'atftpd.py %s' % atftpd.__version__
+
+
+def test_build_ipk_runs_under_dash_too(tmp_path):
+    """POSIX sh: Debian's dash builds the same archive members."""
+    dash = need_program('dash', 'dash')
+    result = run([dash, BUILD_IPK, str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    with tarfile.open(result.stdout.strip(), 'r:gz') as tar:
+        assert tar.getnames() == ['./debian-binary', './control.tar.gz', './data.tar.gz']
+
