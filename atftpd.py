@@ -127,13 +127,14 @@ class Log:
         self.open()
 
     def open(self):
-        """Open (or reopen, on SIGHUP) the sink."""
-        self.close()
+        """Open (or reopen, on SIGHUP) the sink. If a reopen fails (the file
+        is no longer writable after the privilege drop), the old one stays."""
         if self.logfile == '-':
             self.stream = sys.stdout
         elif self.logfile:
-            self.stream = open(self.logfile, 'a', buffering=1, errors='replace')
-            os.set_inheritable(self.stream.fileno(), False)
+            stream = open(self.logfile, 'a', buffering=1, errors='replace')
+            self.close()
+            self.stream = stream
         else:
             syslog.openlog('atftpd', syslog.LOG_PID, syslog.LOG_DAEMON)
 
@@ -1499,8 +1500,11 @@ class Server:
                 self.log.notice('received signal %d, stopping', signum)
                 self.stopping = True
             elif signum == signal.SIGHUP:
-                self.log.open()
-                self.log.notice('received SIGHUP, log reopened')
+                try:
+                    self.log.open()
+                    self.log.notice('received SIGHUP, log reopened')
+                except OSError as exc:
+                    self.log.error('received SIGHUP, cannot reopen the log: %s', exc)
                 self.reload_substitutions()
             elif signum == signal.SIGUSR1:
                 self.log_stats()
