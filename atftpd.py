@@ -336,7 +336,7 @@ class Negotiated:
 def _option_number(value, low):
     """An option value as int if it is a plain decimal >= low, else None."""
     value = value.strip()
-    if not value.isdigit() or len(value) > MAX_OPTION_DIGITS:
+    if not value.isascii() or not value.isdigit() or len(value) > MAX_OPTION_DIGITS:
         return None
     number = int(value)
     return number if number >= low else None
@@ -993,6 +993,11 @@ class WriteTransfer(Transfer):
         is lost and the client sends the last block again."""
         try:
             self.bytes = os.fstat(self.fd).st_size
+            if (self.params.tsize is not None and self.decoder is None
+                    and self.bytes != self.params.tsize):
+                self.finish('size %d differs from tsize %d' % (self.bytes, self.params.tsize),
+                            ERR_UNDEFINED, 'Size differs from tsize')
+                return
             os.fchmod(self.fd, self.final_mode)
             os.close(self.fd)
             self.fd = -1
@@ -1241,7 +1246,7 @@ class GeneratorPool:
             generation.start(now)
         except OSError as exc:
             generation.reason = 'cannot run %s: %s' % (self.config.generator, exc)
-            self.end(generation, now)
+            self.end(generation, now, cache=False)
 
     def poll_all(self, now):
         """After SIGCHLD: which of our children has ended?"""
@@ -1262,7 +1267,11 @@ class GeneratorPool:
                 soonest = min(soonest, generation.deadline)
         return min(soonest, self.expire_cache(now))
 
-    def end(self, generation, now):
+    def end(self, generation, now, cache=True):
+        """A run is over: hand its result to every transfer that waits for it.
+        A run that could not start (no memory, no file descriptors) says
+        nothing about the file, so it is not cached: the next request tries
+        again."""
         if generation.temp is not None:     # it could not even start
             generation.temp.close()
             generation.temp = None
@@ -1272,14 +1281,15 @@ class GeneratorPool:
                              generation.reason, seconds)
         fd = generation.result
         generation.result = None
-        if self.config.generator_cache > 0:
+        cache = cache and self.config.generator_cache > 0
+        if cache:
             self.store(generation.key, fd, generation.reason, now)
         for transfer in generation.transfers:
             if transfer.state == GENERATING:
                 transfer.generation = None
                 self.server.dispatch(lambda t=transfer: self.deliver(t, fd, now, generation.reason),
                                      transfer)
-        if fd is not None and self.config.generator_cache <= 0:
+        if fd is not None and not cache:
             os.close(fd)
         while self.queue and self.running() < self.config.generator_max_running:
             self.start(self.queue.pop(0), now)
@@ -1606,7 +1616,7 @@ class Server:
         self.transfers[peer] = transfer
         if source is not None:
             self.log.info('serving %s to %s', name, client)
-            transfer.begin(source, now)
+            self.dispatch(lambda: transfer.begin(source, now), transfer)
         elif config.generator:
             self.generators.request(transfer, now)
         else:
@@ -1650,7 +1660,7 @@ class Server:
         transfer = WriteTransfer(self, peer, local, request, path, mode)
         self.transfers[peer] = transfer
         self.log.info('receiving %s from %s', name, client)
-        transfer.begin(time.monotonic())
+        self.dispatch(lambda: transfer.begin(time.monotonic()), transfer)
 
     def check_upload(self, path):
         """The mode the uploaded file will have, or PacketError. Uploads need
@@ -1669,6 +1679,8 @@ class Server:
             if not config.allow_create:
                 raise PacketError(ERR_ACCESS, 'Creating files is not allowed')
             return 0o666 & ~config.umask
+        except OSError as exc:
+            raise PacketError(ERR_ACCESS, 'Access violation', os.strerror(exc.errno))
         check_inside_root(self.root_real, path)
         if not stat.S_ISREG(info.st_mode):
             raise PacketError(ERR_ACCESS, 'Access violation')
