@@ -685,9 +685,15 @@ class Transfer:
 
     # -- receiving --
 
+    # A receiver gets a window of DATA per wakeup and drains them together.
+    # A sender gets one ACK per window: a second recvfrom() would nearly
+    # always fail with EAGAIN, a syscall and an exception per ACK. The
+    # selector is level-triggered, so anything left queued wakes us again.
+    datagrams_per_wakeup = 64
+
     def on_readable(self):
-        """Drain the socket: several datagrams may be queued (windows)."""
-        for _ in range(64):
+        """Read what is queued on the transfer socket, up to a bound."""
+        for _ in range(self.datagrams_per_wakeup):
             if self.sock is None:
                 return
             try:
@@ -789,6 +795,7 @@ class ReadTransfer(Transfer):
     duplicated ACKs cannot multiply the traffic."""
 
     __slots__ = ('source', 'window', 'acked', 'eof', 'generation', 'restarted')
+    datagrams_per_wakeup = 1
 
     def __init__(self, server, peer, local, request, path):
         Transfer.__init__(self, server, peer, local, request, path)
@@ -822,12 +829,17 @@ class ReadTransfer(Transfer):
         """Top the window up to windowsize blocks and send all of it."""
         blksize = self.params.blksize
         block = self.acked + len(self.window)
-        while len(self.window) < self.params.windowsize and not self.eof:
-            data = self.source.read(blksize)
-            block += 1
-            self.window.append(encode_data(block, data))
-            self.bytes += len(data)
-            self.eof = len(data) < blksize
+        missing = self.params.windowsize - len(self.window)
+        if missing > 0 and not self.eof:
+            # One read for all the blocks the window lacks. A short read is
+            # the end of the file: its last block is short, maybe empty.
+            chunk = self.source.read(missing * blksize)
+            self.bytes += len(chunk)
+            self.eof = len(chunk) < missing * blksize
+            blocks = len(chunk) // blksize + (1 if self.eof else 0)
+            for start in range(0, blocks * blksize, blksize):
+                block += 1
+                self.window.append(encode_data(block, chunk[start:start + blksize]))
         if self.server.log.trace:
             self.server.log.packet('%s: sending blocks %d..%d', self.client_text(),
                                    self.acked + 1, block)
