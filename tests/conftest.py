@@ -27,6 +27,18 @@ sys.path.insert(0, PROJECT)
 import atftpd  # noqa: E402  (the module under test, for its codec)
 
 IS_ROOT = os.geteuid() == 0
+IN_CI = os.environ.get('CI') == 'true'
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With CI=true a skipped test is a failed one: every tier (root, real
+    clients, emulation, network boot) must really run there."""
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, 'wasxfail'):
+        report.outcome = 'failed'
+        report.longrepr = 'skipped, which CI=true does not allow: %s' % (report.longrepr,)
 STARTED = re.compile(r'started, serving (.*) on (.*)$')
 RECV_TIMEOUT = 10.0
 
