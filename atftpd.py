@@ -1446,8 +1446,12 @@ class Server:
             timeout = max(0.0, min(self.next_sweep, now + 60) - now)
             if self.config.idle_timeout and self.is_quiet():
                 timeout = min(timeout, max(0.0, self.last_activity + self.config.idle_timeout - now))
+            registered = self.selector.get_map()
             for key, _ in self.selector.select(timeout):
-                self.dispatch(*key.data)
+                # An earlier handler of this batch may have closed this
+                # descriptor (a generator's pipe when its run ended).
+                if registered.get(key.fd) is key:
+                    self.dispatch(*key.data)
             now = time.monotonic()
             if now >= self.next_sweep:
                 self.sweep(now)
