@@ -23,10 +23,11 @@ import shutil
 import subprocess
 import tempfile
 
+from light_support import EXCLUDED_LIST, excluded_modules, write_sitecustomize  # noqa: F401
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
 BUILD_SCRIPT = os.path.join(HERE, 'emulation', 'build-rootfs.sh')
-EXCLUDED_LIST = os.path.join(os.path.dirname(PROJECT), 'shared', 'python3-light-excluded.txt')
 GENERATORS = ('maclist', 'pxelinux')
 
 # Debian architecture -> (qemu-user binary, the CPU it emulates, what
@@ -42,48 +43,9 @@ QEMU = {'mipsel': ('qemu-mipsel-static', '24Kf', 'mips'),
 MISSING = 2
 BUILD_TIMEOUT = 420
 
-SITECUSTOMIZE = '''\
-"""python3-light: the modules OpenWrt's python3-light lacks are unimportable.
-Loaded by site.py from PYTHONPATH, in the server and in every generator."""
-import sys
-
-BLOCKED = frozenset(%(blocked)r)
-
-
-class Python3Light:
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name.split('.')[0] in BLOCKED:
-            raise ModuleNotFoundError('No module named %%r (python3-light)' %% name, name=name)
-        return None
-
-    @staticmethod
-    def invalidate_caches():
-        pass
-
-
-sys.meta_path.insert(0, Python3Light)
-for loaded in list(sys.modules):
-    if loaded.split('.')[0] in BLOCKED:
-        del sys.modules[loaded]
-'''
-
-
 class Unavailable(Exception):
     """A prerequisite of the emulation tier is missing (not root, a package,
     binfmt_misc)."""
-
-
-def excluded_modules():
-    names = []
-    with open(EXCLUDED_LIST) as f:
-        for line in f:
-            name = line.split('#', 1)[0].strip()
-            if name:
-                names.append(name)
-    if not names:
-        raise AssertionError('%s lists no module' % EXCLUDED_LIST)
-    return names
 
 
 def build_rootfs(arch, timeout=BUILD_TIMEOUT):
@@ -131,8 +93,7 @@ class Installed:
                 shutil.copy(os.path.join(PROJECT, 'generators', name), self.host('generators'))
                 os.chmod(self.host('generators', name), 0o755)
             os.mkdir(self.host('light'))
-            with open(self.host('light', 'sitecustomize.py'), 'w') as f:
-                f.write(SITECUSTOMIZE % {'blocked': sorted(excluded_modules())})
+            write_sitecustomize(self.host('light'))
             os.mkdir(self.host('srv'))
         except BaseException:
             self.remove()

@@ -13,27 +13,12 @@ import textwrap
 
 import pytest
 
-from conftest import PROJECT, SERVER, RawClient
+from conftest import SERVER, RawClient
+from light_support import blocker_source, excluded_modules, write_launcher
 from process_support import argv_servers, user_args  # noqa: F401
 
 
-EXCLUDED_LIST = os.path.join(os.path.dirname(os.path.abspath(PROJECT)), 'shared',
-                             'python3-light-excluded.txt')
 DEBIAN_PYTHON = '/usr/bin/python3'
-
-
-def excluded_modules():
-    if not os.path.isfile(EXCLUDED_LIST):
-        pytest.fail('the list of modules missing from python3-light is not at %s '
-                    '(shared/ must sit beside the project directory)' % EXCLUDED_LIST)
-    names = []
-    with open(EXCLUDED_LIST) as f:
-        for line in f:
-            name = line.split('#', 1)[0].strip()
-            if name:
-                names.append(name)
-    assert names, '%s lists no module' % EXCLUDED_LIST
-    return names
 
 
 def server_source():
@@ -77,43 +62,6 @@ def test_excluded_list_names_the_usual_suspects():
     assert {'logging', 'email', 'urllib', 'asyncio', 'ssl', 'unittest'} <= set(excluded_modules())
 
 
-WRAPPER = '''\
-import runpy
-import sys
-
-BLOCKED = frozenset(%(blocked)r)
-
-
-class Python3Light:
-    """Make the modules python3-light lacks unimportable."""
-
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name.split('.')[0] in BLOCKED:
-            raise ModuleNotFoundError('No module named %%r (python3-light)' %% name, name=name)
-        return None
-
-    @staticmethod
-    def invalidate_caches():
-        pass
-
-
-sys.meta_path.insert(0, Python3Light)
-for loaded in list(sys.modules):
-    if loaded.split('.')[0] in BLOCKED:
-        del sys.modules[loaded]
-
-sys.argv = [%(server)r] + sys.argv[1:]
-runpy.run_path(%(server)r, run_name='__main__')
-'''
-
-
-def write_wrapper(tmp_path):
-    path = tmp_path / 'python3_light.py'
-    path.write_text(WRAPPER % {'blocked': sorted(excluded_modules()), 'server': SERVER})
-    return str(path)
-
-
 def write_generator(tmp_path):
     path = tmp_path / 'generator'
     path.write_text(textwrap.dedent('''\
@@ -125,17 +73,15 @@ def write_generator(tmp_path):
 
 
 def check_light_server(argv_servers, tmp_path, tftp_root, python_argv):
-    blocked = sorted(excluded_modules())
-    wrapper = write_wrapper(tmp_path)
+    launcher = write_launcher(tmp_path / 'python3_light.py')
     # The blocker itself works: the same finder, then 'import logging', fails.
     check = tmp_path / 'check.py'
-    check.write_text(WRAPPER.split('sys.argv =')[0] % {'blocked': blocked, 'server': SERVER}
-                     + 'import logging\n')
+    check.write_text(blocker_source() + 'import logging\n')
     result = subprocess.run(python_argv + [str(check)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, universal_newlines=True, timeout=30)
     assert result.returncode != 0 and 'python3-light' in result.stdout, result.stdout
 
-    argv = python_argv + [wrapper, '--daemon', '--no-fork', '--port', '0', '--bind-address',
+    argv = python_argv + [launcher, SERVER, '--daemon', '--no-fork', '--port', '0', '--bind-address',
                           '127.0.0.1', '--logfile', '-', '--verbose=7', '--content-generator',
                           write_generator(tmp_path)] + user_args() + [str(tftp_root)]
     server = argv_servers(argv, root=tftp_root)

@@ -21,6 +21,7 @@ import textwrap
 import pytest
 
 from conftest import IS_ROOT, PROJECT, RawClient, TftpError
+from light_support import blocker_source, excluded_modules, write_launcher
 
 import atftpd
 
@@ -30,8 +31,6 @@ IPTABLES = os.path.join(GENERATORS, 'iptables')
 PXELINUX = os.path.join(GENERATORS, 'pxelinux')
 SH_EXAMPLE = os.path.join(GENERATORS, 'content-generator.sh')
 PYTHON_GENERATORS = [MACLIST, IPTABLES, PXELINUX]
-EXCLUDED_LIST = os.path.join(os.path.dirname(os.path.abspath(PROJECT)), 'shared',
-                             'python3-light-excluded.txt')
 
 
 def require(tool):
@@ -731,57 +730,14 @@ def test_pxelinux_same_bytes_for_both_uefi_requests(start_server, inventory):
 # python3-light ##############################################################
 ###############################################################################
 
-LIGHT_WRAPPER = '''\
-import runpy
-import sys
-
-BLOCKED = frozenset(%(blocked)r)
-
-
-class Python3Light:
-    """Make the modules OpenWrt's python3-light lacks unimportable."""
-
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name.split('.')[0] in BLOCKED:
-            raise ModuleNotFoundError('No module named %%r (python3-light)' %% name, name=name)
-        return None
-
-    @staticmethod
-    def invalidate_caches():
-        pass
-
-
-sys.meta_path.insert(0, Python3Light)
-for loaded in list(sys.modules):
-    if loaded.split('.')[0] in BLOCKED:
-        del sys.modules[loaded]
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name='__main__')
-'''
-
-
-def excluded_modules():
-    if not os.path.isfile(EXCLUDED_LIST):
-        pytest.fail('the list of modules missing from python3-light is not at %s' % EXCLUDED_LIST)
-    with open(EXCLUDED_LIST) as f:
-        names = [line.split('#', 1)[0].strip() for line in f]
-    names = [name for name in names if name]
-    assert {'sqlite3', 'logging', 'email', 'urllib'} <= set(names)
-    return names
-
-
 @pytest.fixture
 def light_python(tmp_path):
     """argv prefix: this Python with python3-light's missing modules blocked."""
-    source = LIGHT_WRAPPER % {'blocked': sorted(excluded_modules())}
-    wrapper = tmp_path / 'python3_light.py'
-    wrapper.write_text(source)
+    launcher = write_launcher(tmp_path / 'python3_light.py')
     # The blocker itself works: the same finder, then 'import sqlite3', fails.
-    check = run_generator([sys.executable, '-I', '-c',
-                           source.split('sys.argv =')[0] + 'import sqlite3\n'])
+    check = run_generator([sys.executable, '-I', '-c', blocker_source() + 'import sqlite3\n'])
     assert check[0] != 0 and "No module named 'sqlite3' (python3-light)" in check[2], check
-    return [sys.executable, '-I', str(wrapper)]
+    return [sys.executable, '-I', launcher]
 
 
 @pytest.mark.parametrize('generator, name, env_of', [
