@@ -91,6 +91,10 @@ MIN_WINDOWSIZE, MAX_WINDOWSIZE = 1, 65535  # RFC 7440
 MAX_DATAGRAM = 65536
 RETRIES = 5                     # atftpd's NB_OF_RETRY
 MAX_OPTION_DIGITS = 20          # longer numbers are garbage, not sizes
+# A sender keeps its window in memory until it is acknowledged. Without a
+# bound, --maxthread clients asking for 64 blocks of 64 KiB would hold 4 MiB
+# each (400 MiB with the defaults): too much for a router.
+MAX_WINDOW_BYTES = 1 << 20
 
 # tsize in netascii is the converted size, which means reading the file once
 # to count line ends; above this size tsize is left out instead.
@@ -385,7 +389,19 @@ def negotiate_options(options, is_read, size, limits):
             if number is not None and number <= MAX_WINDOWSIZE:
                 result.windowsize = min(number, limits.max_windowsize)
                 result.acked.append((name, result.windowsize))
+    fit_window(result)
     return result
+
+
+def fit_window(result):
+    """Shrink the windowsize until the window fits MAX_WINDOW_BYTES. RFC 7440
+    lets the server answer a smaller windowsize than asked for; blksize may
+    come after windowsize in a request, so this runs once both are known."""
+    fit = max(1, MAX_WINDOW_BYTES // result.blksize)
+    if result.windowsize > fit:
+        result.windowsize = fit
+        result.acked = [(name, fit if name == 'windowsize' else value)
+                        for name, value in result.acked]
 
 
 ###############################################################################

@@ -131,6 +131,19 @@ def test_blksize_policy_clamps_down_and_ignores_invalid(value, acked):
     assert result.blksize == (512 if acked is None else acked)
 
 
+@pytest.mark.parametrize('options, windowsize', [
+    ([('blksize', '65464'), ('windowsize', '64')], 16),
+    ([('windowsize', '64'), ('blksize', '65464')], 16),     # blksize after windowsize
+    ([('blksize', '1428'), ('windowsize', '64')], 64),      # 91 KiB: fits
+    ([('blksize', '65464'), ('windowsize', '16')], 16),     # exactly 1 MiB at most
+])
+def test_windowsize_shrinks_so_a_window_fits_in_one_mib(options, windowsize):
+    result = negotiate(options)
+    assert result.windowsize == windowsize
+    assert dict(result.acked)['windowsize'] == windowsize
+    assert result.windowsize * result.blksize <= atftpd.MAX_WINDOW_BYTES
+
+
 def test_blksize_is_capped_by_the_configured_maximum():
     result = negotiate([('blksize', '1468')], limits=Limits(max_blksize=1024))
     assert result.acked == [('blksize', 1024)]
