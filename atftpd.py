@@ -8,7 +8,7 @@ that it runs on OpenWrt's python3-light as well as on a PXE boot server.
 Protocols: RFC 1350 (TFTP, octet and netascii, reads and writes), RFC 2347
 (option negotiation), RFC 2348 (blksize), RFC 2349 (timeout, tsize) and
 RFC 7440 (windowsize). Block numbers roll over past 65535, so any file size
-works.
+works. RFC 2090 multicast and PXE MTFTP as atftpd does them (IPv4).
 
 The content generator. When a read request names a file that does not exist
 under the root, and --content-generator is set, the server opens an anonymous
@@ -2633,7 +2633,8 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog='atftpd.py',
         usage='%(prog)s [options] [directory]',
-        description='TFTP server (RFC 1350, 2347, 2348, 2349, 7440), a drop-in for atftpd, '
+        description='TFTP server (RFC 1350, 2090, 2347, 2348, 2349, 7440, PXE MTFTP), '
+                    'a drop-in for atftpd, '
                     'that can generate missing files with a program of your choice.',
         epilog=GENERATOR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     opt = parser.add_argument
