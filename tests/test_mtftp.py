@@ -56,7 +56,8 @@ def test_atftp_mget_clients_fetch_the_file(make_lan, start_server, tftp_root, tm
             output, _ = proc.communicate()
         assert proc.returncode == 0, output
         assert sha256((tmp_path / ('out%d' % index)).read_bytes()) == expected
-    served = server.wait_for_log(r'sent random.bin to 10\.77\.0\.1\d:\d+: .* MTFTP 239\.1\.1\.1:1760')
+    served = server.wait_for_log(r'sent random.bin to 10\.77\.0\.1\d:\d+: .* '
+                                 r'MTFTP 239\.1\.1\.1:1760')
     assert 'blksize 512' in served
 
 

@@ -247,7 +247,8 @@ def oack_of(client, name, options):
 
 def test_oack_carries_group_and_master_flag_rfc2090(mserver):
     server = mserver
-    with RawClient(server.host, server.port) as first, RawClient(server.host, server.port) as second:
+    with RawClient(server.host, server.port) as first, \
+            RawClient(server.host, server.port) as second:
         oack, tid = oack_of(first, 'random.bin', [('blksize', '1024'), ('multicast', ''),
                                                   ('tsize', '0')])
         assert oack == {'blksize': '1024', 'multicast': '239.255.0.0,1758,1',
@@ -270,7 +271,8 @@ def test_oack_carries_group_and_master_flag_rfc2090(mserver):
 
 def test_different_blksize_gets_another_group(mserver):
     server = mserver
-    with RawClient(server.host, server.port) as first, RawClient(server.host, server.port) as second:
+    with RawClient(server.host, server.port) as first, \
+            RawClient(server.host, server.port) as second:
         oack, tid = oack_of(first, 'random.bin', [('multicast', '')])
         oack2, tid2 = oack_of(second, 'random.bin', [('multicast', ''), ('blksize', '1024')])
         assert oack['multicast'] == '239.255.0.0,1758,1'
@@ -333,7 +335,8 @@ def test_hostile_packets_to_a_session_change_nothing(mserver, tftp_root):
 
 def test_shutdown_sends_every_member_an_error(start_server):
     server = start_server()
-    with RawClient(server.host, server.port) as first, RawClient(server.host, server.port) as second:
+    with RawClient(server.host, server.port) as first, \
+            RawClient(server.host, server.port) as second:
         oack_of(first, 'random.bin', [('multicast', '')])
         oack_of(second, 'random.bin', [('multicast', '')])
         assert server.stop() == 0
