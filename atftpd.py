@@ -8,7 +8,7 @@ that it runs on OpenWrt's python3-light as well as on a PXE boot server.
 Protocols: RFC 1350 (TFTP, octet and netascii, reads and writes), RFC 2347
 (option negotiation), RFC 2348 (blksize), RFC 2349 (timeout, tsize) and
 RFC 7440 (windowsize). Block numbers roll over past 65535, so any file size
-works.
+works. RFC 2090 multicast and PXE MTFTP as atftpd does them (IPv4).
 
 The content generator. When a read request names a file that does not exist
 under the root, and --content-generator is set, the server opens an anonymous
@@ -699,6 +699,13 @@ class Transfer:
     def on_gave_up(self):
         self.finish('timeout', ERR_UNDEFINED, 'Timeout')
 
+    def on_repeated_request(self):
+        """The client sent its request again while this transfer runs."""
+        self.server.log.packet('%s: duplicate request ignored', self.client_text())
+
+    def prepare_socket(self, sock):
+        """Set socket options before the first send (MTFTP's multicast TTL)."""
+
     # -- receiving --
 
     # A receiver gets a window of DATA per wakeup and drains them together.
@@ -1363,6 +1370,631 @@ class GeneratorPool:
 
 
 ###############################################################################
+# Multicast: RFC 2090 and PXE MTFTP ###########################################
+###############################################################################
+#   RRQ   "pxelinux.0" "octet" "blksize" "1428" "multicast" ""
+#   OACK  "blksize" "1428" "multicast" "239.255.0.0,1758,1"   (1: master client)
+#   ACK 0 from the master, then DATA 1, 2, ... to 239.255.0.0:1758, sent from
+#   the session's socket; an ACK n from the master asks for block n + 1.
+# IPv4 only: requests that arrive over IPv6 are served by unicast.
+
+MCAST_DEFAULT_ADDR = '239.255.0.0-255'  # atftpd's default (RFC 2365 local scope)
+MCAST_DEFAULT_PORT = '1758'             # tftp-mcast, the port RFC 2090 recommends
+MTFTP_DEFAULT_PORT = 75                 # atftpd's --mtftp-port default
+MCAST_MAX_BLOCKS = 65535                # multicast block numbers never roll over
+MTFTP_BLKSIZE = DEFAULT_BLKSIZE         # MTFTP negotiates nothing
+
+
+def _number_range(text, low, high):
+    """'n' or 'n-m' (plain decimals) as a range within low..high, or ValueError."""
+    first, dash, last = text.strip().partition('-')
+    parts = (first, last) if dash else (first,)
+    for part in parts:
+        if not (part.isascii() and part.isdigit()) or len(part) > 5:
+            raise ValueError('%r is not a number or a range' % text)
+    start, end = int(parts[0]), int(parts[-1])
+    if not low <= start <= end <= high:
+        raise ValueError('%r is outside %d..%d (or reversed)' % (text, low, high))
+    return range(start, end + 1)
+
+
+def parse_mcast_addresses(text):
+    """--mcast-addr as atftpd reads it: a multicast IPv4 address whose last
+    byte may be a range, then after commas more last bytes or ranges with the
+    same first three bytes: '239.255.0.0-31,128-132,200'. An item with dots
+    starts a new prefix. Returns the addresses in order, each once; raises
+    ValueError."""
+    addresses = []
+    prefix = None
+    for item in text.split(','):
+        item = item.strip()
+        if '.' in item:
+            head, _, item = item.rpartition('.')
+            octets = head.split('.')
+            if len(octets) != 3:
+                raise ValueError('%r is not an IPv4 address' % head)
+            prefix = '.'.join(str(_number_range(octet, 0, 255)[0]) for octet in octets)
+            if len(_number_range(octets[0], 224, 239)) != 1:
+                raise ValueError('%r is not a multicast address' % head)
+            if any('-' in octet for octet in octets):
+                raise ValueError('only the last byte may be a range: %r' % head)
+        elif prefix is None:
+            raise ValueError('%r: the first item must be a full address' % text)
+        for last in _number_range(item, 0, 255):
+            address = '%s.%d' % (prefix, last)
+            if address not in addresses:
+                addresses.append(address)
+    return addresses
+
+
+def parse_port_list(text):
+    """--mcast-port: ports and ranges separated by commas ('1758-2000,8000');
+    returns the ports in order, each once; raises ValueError."""
+    ports = []
+    seen = set()
+    for item in text.split(','):
+        for port in _number_range(item, 1, 65535):
+            if port not in seen:
+                seen.add(port)
+                ports.append(port)
+    return ports
+
+
+def is_multicast_ipv4(address):
+    try:
+        first = socket.inet_aton(address)[0]
+    except OSError:
+        return False
+    return 224 <= first <= 239 and address.count('.') == 3
+
+
+def oack_with_multicast(request_options, acked, value):
+    """The OACK options in request order (RFC 2347) with `multicast` added."""
+    granted = dict(acked)
+    granted['multicast'] = value
+    options = []
+    for name, _ in request_options:
+        if name in granted:
+            options.append((name, granted.pop(name)))
+    return options
+
+
+def open_multicast_socket(local_address, ttl):
+    """A UDP socket bound to the address the request came to (so that clients
+    see the TID they expect: RFC 2090 clients check the source of group
+    DATA), sending to groups on that address's interface with our TTL, and
+    looped back to local members (IP_MULTICAST_LOOP)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind((local_address, 0))
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+        if local_address != '0.0.0.0':
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                            socket.inet_aton(local_address))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class MulticastMember(Transfer):
+    """One client of a MulticastSession. It has no socket of its own (the
+    session's socket is its TID) and no deadline (the session's covers the
+    master). It sits in the server's transfer table so that --maxthread,
+    repeated requests, shutdown and the log treat it as any other read."""
+
+    __slots__ = ('session',)
+
+    def __init__(self, server, peer, local, request, path, session, params):
+        Transfer.__init__(self, server, peer, local, request, path)
+        self.session = session
+        self.params = params
+        self.state = OACK_SENT
+
+    def oack(self, master):
+        group, port = self.session.group
+        value = '%s,%d,%d' % (group, port, 1 if master else 0)
+        return encode_oack(oack_with_multicast(self.request.options, self.params.acked, value))
+
+    def send(self, datagram):
+        return self.session.send_to(datagram, self.peer)
+
+    def on_repeated_request(self):
+        # The client did not get its OACK: send it again, master or not.
+        self.send(self.oack(self.session.master is self))
+
+    def finish(self, outcome, error_code=None, error_text=None):
+        if self.state != DONE and error_code is not None:
+            self.send(encode_error(error_code, error_text))
+        Transfer.finish(self, outcome)
+
+    def release(self):
+        self.session.leave(self)
+
+    def summary(self):
+        return Transfer.summary(self) + ', multicast %s:%d' % self.session.group
+
+
+class MulticastSession:
+    """One file sent to one multicast group (RFC 2090).
+
+    One socket is the TID of every member; members are kept in arrival
+    order and the oldest is the master, the only one that ACKs. DATA goes to
+    the group, lock-step with the master. An ACK n from the master asks for
+    block n + 1, so a new master ACKs the block before its first gap and the
+    file is sent again from there. Any member that ACKs the last block (or
+    sends an ERROR) is done. A master that stops answering is retried
+    RETRIES times and dropped, or, with --mcast-switch-client, sent to the
+    back of the queue after one timeout (atftpd sends it an OACK with mc=0)."""
+
+    def __init__(self, service, key, group, source, blksize, sock):
+        self.service = service
+        self.server = service.server
+        self.key = key
+        self.group = group
+        self.source = source
+        self.blksize = blksize
+        self.sock = sock
+        self.blocks = source.size // blksize + 1    # the last one is short, maybe empty
+        self.members = []
+        self.master = None
+        self.answered = -1          # the master's last ACK that was answered
+        self.outstanding = None     # (datagram, destination) to resend on timeout
+        self.deadline = None
+        self.blocks_sent = 0
+        self.server.watch(sock, self.on_readable, self)
+
+    # -- members --
+
+    def join(self, member, now):
+        self.members.append(member)
+        self.server.log.info('%s: joins multicast group %s:%d for %s (%d members)',
+                             member.client_text(), self.group[0], self.group[1],
+                             escape(member.request.filename), len(self.members))
+        if self.master is None:
+            self.promote(member, now)
+        else:
+            member.send(member.oack(False))
+
+    def promote(self, member, now):
+        """Make `member` the master: an OACK with mc=1 (RFC 2090)."""
+        self.master = member
+        self.answered = -1
+        member.state = OACK_SENT
+        self.server.log.info('%s: master client of multicast group %s:%d',
+                             member.client_text(), self.group[0], self.group[1])
+        self.send_saved(member.oack(True), member.peer, now)
+
+    def leave(self, member):
+        if member in self.members:
+            self.members.remove(member)
+        if not self.members:
+            self.close()
+        elif member is self.master:
+            self.master = None
+            if not self.server.stopping:
+                self.promote(self.members[0], time.monotonic())
+
+    def switch_master(self, now):
+        """--mcast-switch-client: the silent master goes to the back of the
+        queue (told so by an OACK with mc=0) and the next member takes over."""
+        old = self.master
+        old.send(old.oack(False))
+        self.members.remove(old)
+        self.members.append(old)
+        self.promote(self.members[0], now)
+
+    # -- sending --
+
+    def send_to(self, datagram, destination):
+        if self.sock is None:
+            return False
+        try:
+            self.sock.sendto(datagram, destination)
+            return True
+        except OSError as exc:      # a full buffer is a lost packet: the timer resends
+            self.server.log.debug('multicast %s:%d: send failed: %s', self.group[0],
+                                  self.group[1], exc)
+            return False
+
+    def send_saved(self, datagram, destination, now):
+        self.outstanding = (datagram, destination)
+        self.send_to(datagram, destination)
+        master = self.master
+        self.deadline = now + (master.params.timeout or master.timeout)
+        self.server.note_deadline(self.deadline)
+
+    def send_block(self, block, now):
+        self.source.offset = (block - 1) * self.blksize
+        payload = self.source.read(self.blksize)
+        self.blocks_sent += 1
+        self.send_saved(encode_data(block, payload), self.group, now)
+
+    # -- receiving --
+
+    def on_readable(self):
+        for _ in range(64):
+            if self.sock is None:
+                return
+            try:
+                data, addr = self.sock.recvfrom(1024)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            member = self.member_at(addr)
+            if member is None:
+                self.on_stranger(data, addr)
+            else:
+                self.on_datagram(member, data, time.monotonic())
+
+    def member_at(self, addr):
+        for member in self.members:
+            if member.peer[:2] == addr[:2]:
+                return member
+        return None
+
+    def on_stranger(self, data, addr):
+        self.server.log.info('multicast %s:%d: packet from unknown TID %s', self.group[0],
+                             self.group[1], format_addr(addr))
+        if parse_header(data) is None or data[1] != OP_ERROR:
+            self.send_to(encode_error(ERR_UNKNOWN_TID), addr)
+
+    def on_datagram(self, member, data, now):
+        header = parse_header(data)
+        if header is None:
+            return
+        opcode, number = header
+        if opcode == OP_ACK:
+            self.on_ack(member, number, now)
+        elif opcode == OP_ERROR:
+            member.on_client_error(data)        # ends that member only
+
+    def on_ack(self, member, block, now):
+        if block > self.blocks:
+            return                  # No such block: garbage, ignored.
+        if block == self.blocks:
+            member.bytes = self.source.size
+            member.finish('sent')   # this client has the whole file
+            return
+        if member is not self.master:
+            member.send(member.oack(False))     # atftpd: mc=0 quiets an ACK out of turn
+            return
+        if block <= self.answered:
+            return                  # A duplicate: no resend (Sorcerer's Apprentice).
+        member.state = SENDING
+        member.retries = 0
+        self.answered = block
+        self.send_block(block + 1, now)
+
+    def on_timeout(self, now):
+        master = self.master
+        self.deadline = None
+        if master is None:
+            return
+        if master.retries >= RETRIES:
+            master.finish('timeout', ERR_UNDEFINED, 'Timeout')     # the next one takes over
+            return
+        master.retries += 1
+        if self.service.switch_client and len(self.members) > 1:
+            self.switch_master(now)
+            return
+        master.blocks_resent += 1
+        self.send_saved(self.outstanding[0], self.outstanding[1], now)
+
+    # -- ending --
+
+    def finish(self, outcome, error_code=None, error_text=None):
+        """Internal error or shutdown: end every member, close the group."""
+        for member in list(self.members):
+            member.finish(outcome, error_code, error_text)
+        self.close()
+
+    def close(self):
+        if self.sock is None:
+            return
+        self.server.log.info('multicast group %s:%d for %s closed, %d blocks sent',
+                             self.group[0], self.group[1], escape(self.key[0]),
+                             self.blocks_sent)
+        self.service.sessions.pop(self.key, None)
+        self.deadline = None
+        self.server.forget_socket(self.sock)
+        self.sock.close()
+        self.sock = None
+        self.source.close()
+
+
+class MulticastService:
+    """The RFC 2090 side of the server: which requests are served by
+    multicast, and the sessions (one per file, blksize and server address)."""
+
+    def __init__(self, server):
+        config = server.config
+        self.server = server
+        self.enabled = config.multicast
+        self.addresses = config.mcast_addresses
+        self.ports = config.mcast_ports
+        self.ttl = config.mcast_ttl
+        self.switch_client = config.mcast_switch_client
+        self.sessions = {}
+
+    def wanted(self, request, peer):
+        """The client asked for multicast (RFC 2090: the value is empty; any
+        other value is invalid and ignored, as for other options) and it can
+        be done: octet mode (atftpd does not multicast netascii), IPv4."""
+        if not self.enabled or request.mode != 'octet' or ':' in peer[0]:
+            return False
+        for name, value in request.options:
+            if name == 'multicast':
+                return value == ''
+        return False
+
+    def offer(self, request, peer, local, path, source, now):
+        """Serve a read by multicast if asked and possible. True: taken (the
+        source now belongs to a session or is closed); False: serve by unicast."""
+        if not self.wanted(request, peer):
+            return False
+        options = [(n, v) for n, v in request.options if n not in ('multicast', 'windowsize')]
+        params = negotiate_options(options, True, source.size, self.server.limits)
+        client = format_addr(peer)
+        if source.size // params.blksize + 1 > MCAST_MAX_BLOCKS:
+            self.server.log.info('%s: %s has too many blocks for multicast, sending by '
+                                 'unicast', client, escape(request.filename))
+            return False
+        info = os.fstat(source.fd)
+        key = (path, info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size,
+               params.blksize, local[0])
+        session = self.sessions.get(key)
+        if session is None:
+            session = self.start_session(key, source, params.blksize, local[0], client)
+            if session is None:
+                return False
+        else:
+            source.close()          # the session serves its own copy
+        member = MulticastMember(self.server, peer, local, request, path, session, params)
+        self.server.transfers[peer] = member
+        session.join(member, now)
+        return True
+
+    def start_session(self, key, source, blksize, local_address, client):
+        group = self.free_group()
+        if group is None:
+            self.server.log.warning('%s: no free multicast address and port, sending by '
+                                    'unicast', client)
+            return None
+        try:
+            sock = open_multicast_socket(local_address, self.ttl)
+        except OSError as exc:
+            self.server.log.warning('%s: cannot open a multicast socket: %s', client, exc)
+            return None
+        session = MulticastSession(self, key, group, source, blksize, sock)
+        self.sessions[key] = session
+        return session
+
+    def free_group(self):
+        """The first (address, port) no session uses: every address on the
+        first port, then the next port (different files get different group
+        addresses, which switches and NICs can filter)."""
+        used = set(session.group for session in self.sessions.values())
+        for port in self.ports:
+            for address in self.addresses:
+                if (address, port) not in used:
+                    return (address, port)
+        return None
+
+    def sweep(self, now):
+        soonest = float('inf')
+        for session in list(self.sessions.values()):
+            if session.deadline is not None and session.deadline <= now:
+                self.server.dispatch(lambda s=session: s.on_timeout(now), session)
+            if session.sock is not None and session.deadline is not None:
+                soonest = min(soonest, session.deadline)
+        return soonest
+
+    def close(self):
+        for session in list(self.sessions.values()):
+            session.finish('server stopping', ERR_UNDEFINED, 'Server shutting down')
+
+
+class MtftpTransfer(ReadTransfer):
+    """PXE MTFTP, as atftpd does it: no options, 512-byte blocks, lock-step
+    with the one client whose request started it. Block 1 goes to that
+    client and to the group (atftpd 0.8 does both), later blocks to the
+    group only, where every listening client takes them; a client that
+    missed blocks asks for the file again once this transfer has ended."""
+
+    __slots__ = ('group',)
+
+    def __init__(self, server, peer, local, request, path, group):
+        plain = Request(OP_RRQ, request.filename, 'octet', [])
+        ReadTransfer.__init__(self, server, peer, local, plain, path)
+        self.group = group
+
+    def prepare_socket(self, sock):
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, self.server.config.mcast_ttl)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+        if self.local[0] != '0.0.0.0':
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                            socket.inet_aton(self.local[0]))
+
+    def send(self, datagram):
+        opcode, block = HEADER.unpack_from(datagram)
+        if opcode != OP_DATA:
+            return Transfer.send(self, datagram)
+        if block == 1:
+            Transfer.send(self, datagram)
+        try:
+            self.sock.sendto(datagram, self.group)
+            return True
+        except OSError as exc:
+            self.server.log.debug('%s: send to group failed: %s', self.client_text(), exc)
+            return False
+
+    def release(self):
+        ReadTransfer.release(self)
+        self.server.mtftp.running.pop(self.path, None)
+
+    def summary(self):
+        return ReadTransfer.summary(self) + ', MTFTP %s:%d' % self.group
+
+
+def parse_mtftp_config(lines, root):
+    """atftpd's --mtftp file: `filename group port` a line ('#' comments,
+    blank lines skipped). Returns ([(name, path, (group, port))], problems):
+    a bad line is reported as (line number, reason) and skipped, as atftpd
+    does; so is a second line for the same file or the same group and port."""
+    entries, problems = [], []
+    paths, groups = set(), set()
+    for number, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields or fields[0].startswith('#'):
+            continue
+        if len(fields) < 3:
+            problems.append((number, 'expected: filename address port'))
+            continue
+        name, address, port_text = fields[:3]
+        try:
+            path = resolve_path(root, name)
+            port = _number_range(port_text, 1, 65535)[0]
+            if '-' in port_text:
+                raise ValueError('one port, not a range')
+        except (PacketError, ValueError) as exc:
+            problems.append((number, getattr(exc, 'reason', None) or str(exc)))
+            continue
+        if not is_multicast_ipv4(address):
+            problems.append((number, '%s is not an IPv4 multicast address' % address))
+        elif path in paths or (address, port) in groups:
+            problems.append((number, 'duplicate file or group'))
+        else:
+            paths.add(path)
+            groups.add((address, port))
+            entries.append((name, path, (address, port)))
+    return entries, problems
+
+
+class MtftpService:
+    """The --mtftp listener: requests on --mtftp-port for the files the
+    configuration names; each file has at most one transfer at a time."""
+
+    def __init__(self, server, listener):
+        self.server = server
+        self.listener = listener
+        self.entries = {}           # path -> (group, port)
+        self.running = {}           # path -> MtftpTransfer
+        if listener is not None:
+            self.load(server.config.mtftp_file)
+            server.watch(listener.sock, self.on_listener, None)
+
+    def load(self, path):
+        log = self.server.log
+        try:
+            with open(path, encoding='latin-1') as f:
+                entries, problems = parse_mtftp_config(f, self.server.config.root)
+        except OSError as exc:
+            log.error('mtftp: cannot read %s: %s; MTFTP serves nothing', path, exc.strerror)
+            return
+        for number, reason in problems:
+            log.warning('mtftp: %s line %d ignored: %s', path, number, escape(reason))
+        for name, file_path, group in entries:
+            problem = self.check_file(file_path)
+            if problem:
+                log.warning('mtftp: %s ignored: %s', escape(name), problem)
+                continue
+            self.entries[file_path] = group
+            log.info('mtftp: will serve %s on %s:%d', escape(name), group[0], group[1])
+        log.notice('mtftp: listening on %s, %d files',
+                   format_addr(self.listener.sock.getsockname()), len(self.entries))
+
+    def check_file(self, path):
+        try:
+            size = os.stat(path).st_size
+        except OSError as exc:
+            return exc.strerror
+        if size // MTFTP_BLKSIZE + 1 > MCAST_MAX_BLOCKS:
+            return 'too big for MTFTP (more than %d blocks of %d bytes)' % (
+                MCAST_MAX_BLOCKS, MTFTP_BLKSIZE)
+        return None
+
+    def on_listener(self):
+        for _ in range(64):
+            try:
+                data, ancdata, _flags, addr = self.listener.sock.recvmsg(MAX_DATAGRAM, 256)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.server.log.debug('mtftp: recvmsg: %s', exc)
+                return
+            local = local_address(ancdata, self.listener.address)
+            self.on_request(data, plain_peer(addr), local)
+
+    def on_request(self, data, peer, local):
+        server = self.server
+        client = format_addr(peer)
+        try:
+            request = parse_request(data)
+        except PacketError as exc:
+            server.log.info('mtftp: %s: bad request: %s', client, exc.message)
+            server.answer_error(peer, exc.code, exc.message, local)
+            return
+        if request.opcode != OP_RRQ:
+            server.log.info('mtftp: %s: only reads are served', client)
+            server.answer_error(peer, ERR_ILLEGAL_OP, None, local)
+            return
+        problem = self.refusal(request, peer)
+        if problem:
+            server.log.info('mtftp: %s: %s not served: %s', client,
+                            escape(request.filename), problem)
+            return      # atftpd stays silent: the client listens or tries again
+        self.start(request, peer, local)
+
+    def refusal(self, request, peer):
+        """Why a request is dropped, or None."""
+        if request.mode != 'octet':
+            return 'MTFTP is octet mode only'
+        try:
+            path = resolve_path(self.server.config.root, request.filename)
+        except PacketError as exc:
+            return exc.reason
+        if path not in self.entries:
+            return 'not in the MTFTP file'
+        if path in self.running:
+            return 'already being sent'
+        if peer in self.server.transfers:
+            return 'that client port has a transfer running'
+        return None
+
+    def start(self, request, peer, local):
+        server = self.server
+        path = resolve_path(server.config.root, request.filename)
+        try:
+            source = open_source(path, server.root_real, server.config.world_readable_only)
+        except PacketError as exc:
+            server.log.notice('mtftp: %s: refused %s: %s', format_addr(peer),
+                              escape(request.filename), exc.reason)
+            return
+        if source is None:
+            server.log.notice('mtftp: %s: %s not found', format_addr(peer),
+                              escape(request.filename))
+            return
+        group = self.entries[path]
+        transfer = MtftpTransfer(server, peer, local, request, path, group)
+        server.transfers[peer] = transfer
+        self.running[path] = transfer
+        server.log.info('mtftp: serving %s to %s and group %s:%d', escape(request.filename),
+                        format_addr(peer), group[0], group[1])
+        now = time.monotonic()
+        server.dispatch(lambda: transfer.begin(source, now), transfer)
+
+    def close(self):
+        if self.listener is not None:
+            self.server.forget_socket(self.listener.sock)
+            self.listener.sock.close()
+            self.listener = None
+
+
+###############################################################################
 # Server ######################################################################
 ###############################################################################
 
@@ -1434,6 +2066,8 @@ class Server:
         self.transfers = {}         # client (address, port) -> Transfer
         self.waiting = {}           # client -> (listener, request datagram, local, seen), FIFO
         self.generators = GeneratorPool(self)
+        self.multicast = MulticastService(self)
+        self.mtftp = MtftpService(self, config.mtftp_listener)
         self.substitutions = config.substitutions
         self.next_sweep = float('inf')
         self.stopping = False
@@ -1489,7 +2123,7 @@ class Server:
             if self.log.level >= LOG_DEBUG:
                 import traceback
                 self.log.debug('%s', escape(traceback.format_exc()))
-            if isinstance(owner, Transfer):
+            if isinstance(owner, (Transfer, MulticastSession)):
                 owner.finish('internal error', ERR_UNDEFINED, 'Internal error')
 
     def sweep(self, now):
@@ -1501,7 +2135,8 @@ class Server:
                     self.dispatch(lambda t=transfer: t.on_timeout(now), transfer)
                 if transfer.state != DONE and transfer.deadline is not None:
                     next_sweep = min(next_sweep, transfer.deadline)
-        next_sweep = min(next_sweep, self.generators.sweep(now), self.expire_waiting(now))
+        next_sweep = min(next_sweep, self.generators.sweep(now), self.expire_waiting(now),
+                         self.multicast.sweep(now))
         self.next_sweep = next_sweep
 
     def note_deadline(self, deadline):
@@ -1589,7 +2224,7 @@ class Server:
         current = self.transfers.get(peer)
         if current is not None:
             if current.request.filename == request.filename and current.state != DONE:
-                self.log.packet('%s: duplicate request ignored', format_addr(peer))
+                current.on_repeated_request()
                 return
             current.finish('replaced by a new request from the same port')
         if len(self.transfers) >= self.config.maxthread:
@@ -1643,6 +2278,8 @@ class Server:
             self.log.notice('%s: refused %s: %s', client, name, exc.reason)
             self.stats['refused'] += 1
             self.answer_error(peer, exc.code, exc.message, local)
+            return
+        if source is not None and self.multicast.offer(request, peer, local, path, source, now):
             return
         transfer = ReadTransfer(self, peer, local, request, path)
         self.transfers[peer] = transfer
@@ -1763,6 +2400,7 @@ class Server:
             window_bytes = transfer.params.windowsize * (transfer.params.blksize + 64)
             if window_bytes > 200000:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, min(window_bytes, 4 << 20))
+            transfer.prepare_socket(sock)
         except OSError as exc:
             sock.close()
             self.log.warning('%s: cannot bind to %s: %s', transfer.client_text(), address, exc)
@@ -1782,7 +2420,7 @@ class Server:
         name = escape(transfer.request.filename)
         client = transfer.client_text()
         outcome = transfer.outcome or 'ended'
-        reading = isinstance(transfer, ReadTransfer)
+        reading = transfer.request.opcode == OP_RRQ
         if outcome.startswith('sent') or outcome == 'received':
             self.stats['sent' if reading else 'received'] += 1
             self.stats['bytes_sent' if reading else 'bytes_received'] += transfer.bytes
@@ -1805,6 +2443,8 @@ class Server:
             else:
                 transfer.finish('server stopping', ERR_UNDEFINED, 'Server shutting down')
         self.generators.close()
+        self.multicast.close()
+        self.mtftp.close()
         self.log_stats()
         for listener in self.listeners:
             self.forget_socket(listener.sock)
@@ -1884,6 +2524,14 @@ def bind_request_socket(address, port):
         sock.close()
         raise
     return sock
+
+
+def mtftp_listener(config):
+    """The --mtftp-port socket, bound before privileges are dropped (port 75
+    needs root): IPv4 only, on the first IPv4 --bind-address or on all."""
+    addresses = [a for a in config.bind_address or [] if numeric_address(a)[0] == socket.AF_INET]
+    return Listener(bind_request_socket(addresses[0] if addresses else '0.0.0.0',
+                                        config.mtftp_port))
 
 
 def inetd_listener():
@@ -1994,13 +2642,6 @@ GENERATOR_HELP = '''content generator:
     TFTP_MODE         octet or netascii      TFTP_OPTIONS      name=value ...
 '''
 
-# Accepted so that atftpd init scripts keep working. Debian passes the
-# multicast settings on every start, so those are only noted; the others
-# change what is served, so they are warned about.
-MULTICAST_OPTIONS = ('mcast_ttl', 'mcast_addr', 'mcast_port', 'mcast_switch_client')
-UNSUPPORTED_OPTIONS = ('mtftp', 'mtftp_port')
-
-
 def positive_int(text):
     value = int(text)
     if value < 0:
@@ -2012,7 +2653,8 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog='atftpd.py',
         usage='%(prog)s [options] [directory]',
-        description='TFTP server (RFC 1350, 2347, 2348, 2349, 7440), a drop-in for atftpd, '
+        description='TFTP server (RFC 1350, 2090, 2347, 2348, 2349, 7440, PXE MTFTP), '
+                    'a drop-in for atftpd, '
                     'that can generate missing files with a program of your choice.',
         epilog=GENERATOR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     opt = parser.add_argument
@@ -2066,11 +2708,23 @@ def build_parser():
     opt('--generator-cache', type=float, default=10.0, metavar='S',
         help='reuse a generated result for the same client and name for S seconds '
              '(default 10, 0 = off)')
-    for name in ('no-multicast', 'mcast-switch-client'):
-        opt('--' + name, action='store_true', help='accepted for atftpd; not supported yet')
-    for name in ('mcast-ttl', 'mcast-addr', 'mcast-port', 'mtftp', 'mtftp-port'):
-        opt('--' + name, '--' + name.replace('-', '_'), metavar='X',
-            help='accepted for atftpd; not supported yet')
+    opt('--no-multicast', action='store_true', help='do not acknowledge the RFC 2090 '
+        'multicast option')
+    opt('--mcast-switch-client', action='store_true',
+        help='multicast: a master client that times out makes way for the next at once')
+    # atftpd spells these with '-' and with '_'.
+    opt('--mcast-ttl', '--mcast_ttl', default='1', metavar='N',
+        help='multicast TTL (default 1: the local network)')
+    opt('--mcast-addr', '--mcast_addr', default=MCAST_DEFAULT_ADDR, metavar='LIST',
+        help='multicast groups, e.g. 239.255.0.0-31,128-132,200 (default %s)'
+             % MCAST_DEFAULT_ADDR)
+    opt('--mcast-port', '--mcast_port', default=MCAST_DEFAULT_PORT, metavar='LIST',
+        help='multicast ports, e.g. 1758-2000,8000 (default %s)' % MCAST_DEFAULT_PORT)
+    opt('--mtftp', metavar='FILE',
+        help="PXE MTFTP: serve the files FILE lists ('filename group port' a line); "
+             'daemon mode only')
+    opt('--mtftp-port', '--mtftp_port', default=str(MTFTP_DEFAULT_PORT), metavar='PORT',
+        help='PXE MTFTP: UDP port for requests (default %d)' % MTFTP_DEFAULT_PORT)
     opt('--pcre', metavar='FILE', help='rename missing files by pattern (atftpd format; '
         'SIGHUP reloads)')
     opt('--pcre-test', metavar='FILE', help='read names on stdin, print what --pcre FILE '
@@ -2167,12 +2821,30 @@ def config_from_args(parser, argv):
     config.permissive = args.permissive
     config.umask = os.umask(0)
     os.umask(config.umask)
-    config.unsupported = [name for name in UNSUPPORTED_OPTIONS
-                          if getattr(args, name) not in (None, False)]
-    config.multicast_settings = [name for name in MULTICAST_OPTIONS
-                                 if getattr(args, name) not in (None, False)]
+    multicast_from_args(parser, args, config)
     config.idle_timeout = 0 if args.daemon else args.tftpd_timeout
     return config
+
+
+def multicast_from_args(parser, args, config):
+    """The RFC 2090 and MTFTP settings, checked (atftpd exits on bad ones too)."""
+    config.multicast = not args.no_multicast
+    config.mcast_switch_client = args.mcast_switch_client
+    try:
+        config.mcast_addresses = parse_mcast_addresses(args.mcast_addr)
+    except ValueError as exc:
+        parser.error('argument --mcast-addr: %s' % exc)
+    try:
+        config.mcast_ports = parse_port_list(args.mcast_port)
+    except ValueError as exc:
+        parser.error('argument --mcast-port: %s' % exc)
+    try:
+        config.mcast_ttl = _number_range(args.mcast_ttl, 0, 255)[0]
+        config.mtftp_port = _number_range(args.mtftp_port, 0, 65535)[0]
+    except ValueError as exc:
+        parser.error('argument --mcast-ttl/--mtftp-port: %s' % exc)
+    config.mtftp_file = args.mtftp
+    config.mtftp_listener = None
 
 
 def check_root(config):
@@ -2229,6 +2901,13 @@ def main(argv=None):
             print('atftpd.py: cannot bind port %d: %s' % (config.port, exc.strerror),
                   file=sys.stderr)
             return 1
+        if config.mtftp_file:
+            try:
+                config.mtftp_listener = mtftp_listener(config)
+            except OSError as exc:
+                print('atftpd.py: cannot bind the MTFTP port %d: %s'
+                      % (config.mtftp_port, exc.strerror), file=sys.stderr)
+                return 1
     else:
         listener = inetd_listener()
         if listener is None:
@@ -2253,12 +2932,8 @@ def run(config, log, listeners):
         return 1
     config.world_readable_only = os.geteuid() == 0 and not config.permissive
     config.allow_write = config.allow_write or config.allow_create
-    for name in config.unsupported:
-        log.warning('option --%s is accepted but not supported yet; ignored',
-                    name.replace('_', '-'))
-    if config.multicast_settings:
-        log.info('multicast is not supported; ignored: %s', ', '.join(
-            '--' + name.replace('_', '-') for name in config.multicast_settings))
+    if config.mtftp_file and config.mtftp_listener is None:
+        log.error('--mtftp needs --daemon (as with atftpd); MTFTP is not started')
     problem = check_root(config)
     if problem:
         log.error('after switching user: %s', problem)

@@ -288,4 +288,5 @@ def test_config_debian_postinst_values(tftp_root):
     assert (config.port, config.retry_timeout, config.maxthread, config.log_level) == (69, 5, 100, 5)
     assert config.idle_timeout == 300            # not --daemon: inetd mode
     assert config.root == str(tftp_root)
-    assert sorted(config.multicast_settings) == ['mcast_addr', 'mcast_port', 'mcast_ttl']
+    assert config.mcast_addresses[0] == '239.239.239.0' and len(config.mcast_addresses) == 256
+    assert (config.mcast_ports, config.mcast_ttl, config.multicast) == ([1758], 1, True)
