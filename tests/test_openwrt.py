@@ -24,6 +24,9 @@ MAKEFILE = os.path.join(OPENWRT, 'Makefile')
 BUILD_IPK = os.path.join(OPENWRT, 'build-ipk.sh')
 STUB = os.path.join(PROJECT, 'tests', 'openwrt_stub.sh')
 PROG = '/usr/sbin/atftpd.py'
+# procd runs the server as a module from PROG's directory (bytecode cached).
+LAUNCH = ['/usr/bin/python3', '-m', 'atftpd']
+MODULE_ENV = ['PYTHONPATH=/usr/sbin']
 FRAMEWORK_CODES = 'SC2034,SC2154,SC3043'
 
 
@@ -159,8 +162,9 @@ def test_shipped_config_gives_the_atftpd_package_command_line(tmp_path, served):
     run_ = run_init(tmp_path, shipped_config(served))
     assert run_.result.returncode == 0, run_.stderr
     assert run_.instances() == {'service': {
-        'command': [PROG, '--daemon', '--no-fork', '--logfile', '-',
-                    '--user', 'root.root', '--port', '69', served],
+        'command': LAUNCH + ['--daemon', '--no-fork', '--logfile', '-',
+                             '--user', 'root.root', '--port', '69', served],
+        'env': MODULE_ENV,
         'stdout': ['1'],
         'stderr': ['1'],
         'respawn': [],
@@ -196,8 +200,8 @@ def test_config_of_openwrts_atftpd_package_works_unchanged(tmp_path, served):
     """net/atftp's atftpd.conf: config service 'service', path and port only."""
     run_ = run_init(tmp_path, "\nconfig service 'service'\n\toption path '%s'\n"
                               "\toption port '6969'\n" % served)
-    assert run_.instances()['service']['command'] == [
-        PROG, '--daemon', '--no-fork', '--logfile', '-', '--user', 'root.root',
+    assert run_.instances()['service']['command'] == LAUNCH + [
+        '--daemon', '--no-fork', '--logfile', '-', '--user', 'root.root',
         '--port', '6969', served]
 
 
@@ -212,14 +216,15 @@ def test_every_option_maps_to_its_flag_in_order(tmp_path, served, generator):
     ]))
     assert run_.result.returncode == 0, run_.stderr
     assert run_.instances() == {'service': {
-        'command': [PROG, '--daemon', '--no-fork', '--logfile', '-',
-                    '--user', 'nobody', '--port', '1069',
-                    '--bind-address', '192.168.1.1', '--bind-address', 'fd00::1',
-                    '--verbose=7', '--maxthread', '20', '--max-blksize', '1428',
-                    '--allow-write', '--allow-create',
-                    '--content-generator', generator, '--generator-timeout', '5',
-                    '--generator-max-size', '65536', '--generator-max-running', '2',
-                    '--generator-cache', '0', served],
+        'command': LAUNCH + ['--daemon', '--no-fork', '--logfile', '-',
+                             '--user', 'nobody', '--port', '1069',
+                             '--bind-address', '192.168.1.1', '--bind-address', 'fd00::1',
+                             '--verbose=7', '--maxthread', '20', '--max-blksize', '1428',
+                             '--allow-write', '--allow-create',
+                             '--content-generator', generator, '--generator-timeout', '5',
+                             '--generator-max-size', '65536', '--generator-max-running', '2',
+                             '--generator-cache', '0', served],
+        'env': MODULE_ENV,
         'stdout': ['1'],
         'stderr': ['1'],
         'respawn': [],
@@ -290,8 +295,8 @@ def test_one_instance_per_service_section(tmp_path, served):
     assert len(instances) == 2 and 'service' in instances, instances
     anonymous = [name for name in instances if name != 'service'][0]
     assert anonymous.startswith('cfg')          # uci's name for an unnamed section
-    assert instances['service']['command'][7:] == ['--port', '69', served]
-    assert instances[anonymous]['command'][7:] == [
+    assert instances['service']['command'][9:] == ['--port', '69', served]
+    assert instances[anonymous]['command'][9:] == [
         '--port', '1069', '--bind-address', '127.0.0.1', served]
     assert "section 'broken' not started" in run_.stdout
 
@@ -313,9 +318,12 @@ def test_procd_command_line_is_accepted_by_the_real_server(tmp_path, served, gen
         ('verbose', '6'), ('maxthread', '4'), ('max_blksize', '1428'), ('allow_create', '1'),
         ('generator', generator), ('generator_timeout', '5'), ('generator_cache', '0'),
     ]))
-    command = run_.instances()['service']['command']
-    assert command[0] == PROG
-    server = ForegroundServer([sys.executable, os.path.join(PROJECT, 'atftpd.py')] + command[1:])
+    instance = run_.instances()['service']
+    command = instance['command']
+    assert command[:3] == LAUNCH and instance['env'] == MODULE_ENV
+    # The same launch, with this interpreter and the module from the project.
+    env = dict(os.environ, PYTHONPATH=PROJECT)
+    server = ForegroundServer([sys.executable, '-m', 'atftpd'] + command[3:], env=env)
     try:
         with RawClient('127.0.0.1', server.port) as client:
             assert client.download('hello.txt')[0] == b'hello from procd\n'
