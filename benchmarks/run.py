@@ -425,11 +425,22 @@ def make_servers(args, workdir, maxthread):
     env = dict(os.environ, BENCH_SLOW_SECONDS=str(args.profile['slow']))
 
     def python_server(name, script):
-        return Server(name, PORTS[name], [
-            args.python, script, '--daemon', '--no-fork', '--port', str(PORTS[name]),
+        launch, server_env = [args.python, script], env
+        if name == 'candidate' and args.candidate_module:
+            # `python3 -m atftpd` from bytecode compiled beforehand, as the
+            # OpenWrt init script starts it.
+            moddir = os.path.join(workdir, 'module')
+            os.makedirs(moddir, exist_ok=True)
+            shutil.copy(script, os.path.join(moddir, 'atftpd.py'))
+            subprocess.run([args.python, '-m', 'py_compile', os.path.join(moddir, 'atftpd.py')],
+                           check=True)
+            launch = [args.python, '-m', 'atftpd']
+            server_env = dict(env, PYTHONPATH=moddir)
+            server_env.pop('PYTHONDONTWRITEBYTECODE', None)
+        return Server(name, PORTS[name], launch + ['--daemon', '--no-fork', '--port', str(PORTS[name]),
             '--bind-address', HOST, '--logfile', os.path.join(log, name + '.log'),
             '--maxthread', str(maxthread), '--content-generator', generator,
-            '--generator-timeout', '30', root], workdir, env=env)
+            '--generator-timeout', '30', root], workdir, env=server_env)
 
     servers = {
         'atftpd.py': python_server('atftpd.py', ATFTPD_PY),
@@ -1488,6 +1499,9 @@ def parse_args(argv):
     parser.add_argument('--in-tftpd', default=IN_TFTPD_DEFAULT, help='tftp-hpa in.tftpd binary')
     parser.add_argument('--candidate', metavar='PATH',
                         help='also run this copy of atftpd.py (as "candidate")')
+    parser.add_argument('--candidate-module', action='store_true',
+                        help='start the candidate (default: atftpd.py) as `python3 -m atftpd` '
+                             'from precompiled bytecode, as the OpenWrt init script does')
     parser.add_argument('--servers', default=None,
                         help='comma-separated subset of atftpd.py,atftpd,in.tftpd,dnsmasq,candidate')
     parser.add_argument('--sections', default='throughput,storms,loss,memory,generator')
@@ -1497,6 +1511,8 @@ def parse_args(argv):
                         help='only write FILE.md again from the samples of an earlier run')
     parser.add_argument('--inner', metavar='NETNS', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.candidate_module and not args.candidate:
+        args.candidate = ATFTPD_PY
     args.profile = dict(QUICK if args.quick else FULL)
     if args.reps:
         args.profile['reps'] = args.reps
