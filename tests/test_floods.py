@@ -215,8 +215,9 @@ def test_rrq_flood_from_thousands_of_ports_good_client_served_memory_bounded(
 # -- huge sparse files at --maxthread ------------------------------------------------
 
 def hog(server, name, results, index):
-    """Ask for the biggest blocks and window (64 x 65464 bytes: the server
-    reads and holds 4 MiB for it), take what arrives of that window, vanish."""
+    """Ask for the biggest blocks and window (64 x 65464 bytes; the server
+    grants 16, the most that fits its 1 MiB per window, and holds that), take
+    what arrives of that window, vanish."""
     sock = udp_socket()
     try:
         try:
@@ -281,7 +282,8 @@ def test_huge_sparse_files_at_maxthread_queue_good_client_memory_bounded(
             if isinstance(item, dict) and 'sock' in item:
                 item['sock'].close()
     queued = sum('request queued' in line for line in server.lines)
-    window_bytes = 64 * (65464 + 4)
+    granted = [int(r['windowsize']) for r in results if isinstance(r, dict) and 'windowsize' in r]
+    window_bytes = max(granted or [64]) * (65464 + 4)
     print('\nhuge files: %d hogs at --maxthread %d got %s blocks of 65464 bytes of their '
           'first window and vanished; good client queued %d time(s), then served (%d timeouts); VmRSS %d -> '
           'peak %d KiB (windows held: %d x %d KiB); fds peak %d' % (
@@ -291,6 +293,7 @@ def test_huge_sparse_files_at_maxthread_queue_good_client_memory_bounded(
     for item in results:
         assert isinstance(item, dict), item
         assert item['tsize'] == str(64 << 30) and item['blksize'] == '65464', item
+        assert item['windowsize'] == '16', item          # 16 x 65464 bytes fit in 1 MiB
         assert item['blocks'] >= 1, item
     assert got == expected
     assert queued >= 1
