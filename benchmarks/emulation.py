@@ -57,8 +57,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(PROJECT, 'tests'))
 
-from emulation_support import (QEMU, SITECUSTOMIZE, Installed, Unavailable,  # noqa: E402
-                               build_rootfs, excluded_modules, rss_kib)
+from emulation_support import (QEMU, Installed, Unavailable,  # noqa: E402
+                               build_rootfs, rss_kib)
+from light_support import write_sitecustomize  # noqa: E402
 
 NATIVE_PYTHON = '/usr/bin/python3'
 SMALL = b'first served request\n'
@@ -85,8 +86,7 @@ class Native:
         os.chmod(self.dir, 0o755)
         shutil.copy(os.path.join(PROJECT, 'atftpd.py'), self.dir)
         os.mkdir(os.path.join(self.dir, 'light'))
-        with open(os.path.join(self.dir, 'light', 'sitecustomize.py'), 'w') as f:
-            f.write(SITECUSTOMIZE % {'blocked': sorted(excluded_modules())})
+        write_sitecustomize(os.path.join(self.dir, 'light'))
         os.mkdir(os.path.join(self.dir, 'srv'))
 
     def host(self, *parts):
