@@ -155,9 +155,14 @@ def test_start_fetch_status_restart_reload_stop(box):
     box.wait_serving()
     with open('/proc/%d/cmdline' % first, 'rb') as f:
         argv = f.read().decode().split('\0')[:-1]
-    assert argv[1:] == [SERVER, '--daemon', '--no-fork', '--port', str(box.port),
-                        '--bind-address', '127.0.0.1', '--user', 'root.root',
-                        '--logfile', str(box.log), str(box.root)]
+    # Started as a module from the program's directory, so that Python caches
+    # its bytecode (see S50atftpd).
+    assert argv == ['/usr/bin/python3', '-m', 'atftpd', '--daemon', '--no-fork',
+                    '--port', str(box.port), '--bind-address', '127.0.0.1',
+                    '--user', 'root.root', '--logfile', str(box.log), str(box.root)]
+    with open('/proc/%d/environ' % first, 'rb') as f:
+        environ = f.read().decode().split('\0')
+    assert 'PYTHONPATH=%s' % os.path.dirname(SERVER) in environ
     box.fetch('hello.txt')
 
     result = box.script('status')
