@@ -1459,20 +1459,25 @@ def oack_with_multicast(request_options, acked, value):
     return options
 
 
+def set_multicast_sending(sock, local_address, ttl):
+    """Send to groups on the interface of `local_address` with our TTL, and
+    loop the datagrams back to members on this host (IP_MULTICAST_LOOP)."""
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+    if local_address != '0.0.0.0':
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                        socket.inet_aton(local_address))
+
+
 def open_multicast_socket(local_address, ttl):
     """A UDP socket bound to the address the request came to (so that clients
     see the TID they expect: RFC 2090 clients check the source of group
-    DATA), sending to groups on that address's interface with our TTL, and
-    looped back to local members (IP_MULTICAST_LOOP)."""
+    DATA), sending to groups (set_multicast_sending)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.bind((local_address, 0))
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
-        if local_address != '0.0.0.0':
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
-                            socket.inet_aton(local_address))
+        set_multicast_sending(sock, local_address, ttl)
     except OSError:
         sock.close()
         raise
@@ -1813,11 +1818,7 @@ class MtftpTransfer(ReadTransfer):
         self.group = group
 
     def prepare_socket(self, sock):
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, self.server.config.mcast_ttl)
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
-        if self.local[0] != '0.0.0.0':
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
-                            socket.inet_aton(self.local[0]))
+        set_multicast_sending(sock, self.local[0], self.server.config.mcast_ttl)
 
     def send(self, datagram):
         opcode, block = HEADER.unpack_from(datagram)
@@ -1918,16 +1919,8 @@ class MtftpService:
         return None
 
     def on_listener(self):
-        for _ in range(64):
-            try:
-                data, ancdata, _flags, addr = self.listener.sock.recvmsg(MAX_DATAGRAM, 256)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self.server.log.debug('mtftp: recvmsg: %s', exc)
-                return
-            local = local_address(ancdata, self.listener.address)
-            self.on_request(data, plain_peer(addr), local)
+        for data, peer, local in self.listener.requests(self.server.log):
+            self.on_request(data, peer, local)
 
     def on_request(self, data, peer, local):
         server = self.server
@@ -2052,6 +2045,19 @@ class Listener:
                 sock.setsockopt(level, name, 1)
             except OSError:
                 pass
+
+    def requests(self, log, limit=64):
+        """The queued datagrams as (data, client, local address), at most
+        `limit` per readiness event so one busy socket cannot starve the rest."""
+        for _ in range(limit):
+            try:
+                data, ancdata, _flags, addr = self.sock.recvmsg(MAX_DATAGRAM, 256)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug('recvmsg on %s: %s', format_addr(self.sock.getsockname()), exc)
+                return
+            yield data, plain_peer(addr), local_address(ancdata, self.address)
 
 
 class Server:
@@ -2201,17 +2207,9 @@ class Server:
 
     def on_listener(self, listener):
         """Read queued requests from a listening socket (bounded per event)."""
-        for _ in range(64):
-            try:
-                data, ancdata, _flags, addr = listener.sock.recvmsg(MAX_DATAGRAM, 256)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self.log.debug('recvmsg: %s', exc)
-                return
+        for data, peer, local in listener.requests(self.log):
             self.last_activity = time.monotonic()
-            local = local_address(ancdata, listener.address)
-            self.on_request(listener, data, plain_peer(addr), local)
+            self.on_request(listener, data, peer, local)
 
     def on_request(self, listener, data, peer, local):
         self.stats['requests'] += 1
