@@ -50,7 +50,6 @@ import struct
 import subprocess
 import sys
 import syslog
-import tempfile
 import time
 
 __version__ = '0.1.0'
@@ -596,6 +595,45 @@ class NetasciiSource:
         self.raw.close()
 
 
+# Temporary files. tempfile.mkstemp and TemporaryFile do what these two do,
+# but importing tempfile pulls in shutil, random, bz2 and lzma: 0.9 MiB of
+# resident memory (measured, benchmarks/README.md) for two system calls.
+
+_temp_names = [0]
+
+def create_private_file(directory, prefix, suffix):
+    """Create a new file under an unused name, mode 0600; return (fd, path).
+    O_EXCL and O_NOFOLLOW make a planted file or symlink fail the open
+    rather than be written through. The name need not be secret, only
+    unused, so it comes from the clock and a counter: os.urandom could
+    block a router's only thread at boot, before the entropy pool is ready."""
+    flags = (os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0)
+             | getattr(os, 'O_CLOEXEC', 0))
+    for _ in range(100):
+        _temp_names[0] += 1
+        path = os.path.join(directory, '%s%x%x%s' % (
+            prefix, time.time_ns() & 0xFFFFFFFF, _temp_names[0], suffix))
+        try:
+            return os.open(path, flags, 0o600), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, 'no unused temporary name', directory)
+
+
+def open_anonymous_file(directory):
+    """A read-write file with no name, freed when its last descriptor closes:
+    O_TMPFILE where the filesystem has it (tmpfs, ext4), else a private file
+    unlinked at once (jffs2, or a kernel before 3.11)."""
+    if getattr(os, 'O_TMPFILE', 0):
+        try:
+            return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError:
+            pass                # the fallback reports a real error
+    fd, path = create_private_file(directory, '.atftpd-', '.tmp')
+    os.unlink(path)
+    return fd
+
+
 def open_source(path, root_real, require_world_readable):
     """Open a file to serve. Returns a FileSource, None if it does not exist,
     or raises PacketError. Open first, then fstat the descriptor: no
@@ -948,8 +986,8 @@ class WriteTransfer(Transfer):
         directory, base = os.path.split(self.path)
         try:
             # The name is cut so that a 255-byte name still leaves room.
-            self.fd, self.temp_path = tempfile.mkstemp(prefix='.%s.' % base[:64],
-                                                       suffix='.part', dir=directory)
+            self.fd, self.temp_path = create_private_file(directory, '.%s.' % base[:64],
+                                                          '.part')
         except OSError as exc:
             self.server.refuse(self, ERR_ACCESS, 'cannot create temporary file: %s' % exc)
             return
@@ -1067,6 +1105,20 @@ class WriteTransfer(Transfer):
             self.temp_path = None
 
 
+def describe_traceback(tb):
+    """Where an exception was raised, innermost frame last. Not the traceback
+    module: importing it after the privileges are dropped can fail (an
+    interpreter whose library only root can read), and an error report
+    must not raise."""
+    frames = []
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        frames.append('%s:%d %s()' % (os.path.basename(code.co_filename), tb.tb_lineno,
+                                      code.co_name))
+        tb = tb.tb_next
+    return ' > '.join(frames)
+
+
 def format_addr(addr):
     host, port = addr[0], addr[1]
     return '[%s]:%d' % (host, port) if ':' in host else '%s:%d' % (host, port)
@@ -1108,8 +1160,7 @@ class Generation:
 
     def start(self, now):
         config = self.server.config
-        self.temp = tempfile.TemporaryFile(dir=config.generator_tmpdir)
-        temp_fd = self.temp.fileno()
+        self.temp = temp_fd = open_anonymous_file(config.generator_tmpdir)
         limit = config.generator_max_size
 
         def child_setup():
@@ -1177,7 +1228,7 @@ class Generation:
         if self.pipe is not None:
             self.on_output()
             self.close_pipe()
-        size = os.fstat(self.temp.fileno()).st_size
+        size = os.fstat(self.temp).st_size
         limit = self.server.config.generator_max_size
         if status is None:
             pass
@@ -1190,9 +1241,9 @@ class Generation:
         elif size == 0:
             self.reason = 'no output'
         else:
-            self.result = os.dup(self.temp.fileno())
+            self.result = os.dup(self.temp)
             self.reason = 'ok'
-        self.temp.close()
+        os.close(self.temp)
         self.temp = None
         self.proc = None
         self.log_output()
@@ -1211,7 +1262,7 @@ class Generation:
             self.proc = None
         self.close_pipe()
         if self.temp is not None:
-            self.temp.close()
+            os.close(self.temp)
             self.temp = None
         if self.result is not None:
             os.close(self.result)
@@ -1308,7 +1359,7 @@ class GeneratorPool:
         nothing about the file, so it is not cached: the next request tries
         again."""
         if generation.temp is not None:     # it could not even start
-            generation.temp.close()
+            os.close(generation.temp)
             generation.temp = None
         self.runs.pop(generation.key, None)
         seconds = now - (generation.started or now)
@@ -2127,8 +2178,7 @@ class Server:
         except Exception as exc:  # noqa: BLE001 - isolation is the point
             self.log.error('internal error: %s: %s', type(exc).__name__, escape(str(exc)))
             if self.log.level >= LOG_DEBUG:
-                import traceback
-                self.log.debug('%s', escape(traceback.format_exc()))
+                self.log.debug('traceback: %s', escape(describe_traceback(exc.__traceback__)))
             if isinstance(owner, (Transfer, MulticastSession)):
                 owner.finish('internal error', ERR_UNDEFINED, 'Internal error')
 
@@ -2647,6 +2697,19 @@ def positive_int(text):
     return value
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse sizes its help with shutil.get_terminal_size, and builds a
+    formatter for every add_argument: that would import shutil (with bz2
+    and lzma) into every server for good. os tells the width as well."""
+
+    def __init__(self, prog):
+        try:
+            columns = int(os.environ.get('COLUMNS') or os.get_terminal_size().columns)
+        except (ValueError, OSError):
+            columns = 80
+        argparse.RawDescriptionHelpFormatter.__init__(self, prog, width=columns - 2)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog='atftpd.py',
@@ -2654,7 +2717,7 @@ def build_parser():
         description='TFTP server (RFC 1350, 2090, 2347, 2348, 2349, 7440, PXE MTFTP), '
                     'a drop-in for atftpd, '
                     'that can generate missing files with a program of your choice.',
-        epilog=GENERATOR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=GENERATOR_HELP, formatter_class=HelpFormatter)
     opt = parser.add_argument
     opt('directory', nargs='*', help='root of the served tree (default /srv/tftp)')
     opt('-t', '--tftpd-timeout', type=positive_int, default=300, metavar='S',
@@ -2807,7 +2870,7 @@ def config_from_args(parser, argv):
         if not (os.path.isfile(config.generator) and os.access(config.generator, os.X_OK)):
             parser.error('argument --content-generator: %s is not an executable file'
                          % config.generator)
-    config.generator_tmpdir = None
+    config.generator_tmpdir = os.environ.get('TMPDIR') or '/tmp'    # as tempfile's first choice
     config.substitutions = None
     config.pcre_test = args.pcre_test
     for path in (args.pcre, args.pcre_test):

@@ -415,3 +415,34 @@ def test_generator_that_cannot_be_run_any_more_is_not_found(start_server, tmp_pa
     server.wait_for_log('failed sending gone .*cannot run')
     assert fetch(server, 'small.txt')[0] == b'hello, tftp\n'
     assert not server.children()
+
+
+###############################################################################
+# Temporary files (the server's own, not tempfile's) ##########################
+###############################################################################
+
+@pytest.mark.parametrize('o_tmpfile', [True, False], ids=['O_TMPFILE', 'named-then-unlinked'])
+def test_anonymous_file_leaves_no_name_behind(tmp_path, monkeypatch, o_tmpfile):
+    """The generator's fd 3 file: writable, readable back, never visible in
+    the directory, with or without O_TMPFILE (jffs2 has none)."""
+    if not o_tmpfile:
+        monkeypatch.setattr(os, 'O_TMPFILE', 0, raising=False)
+    fd = atftpd.open_anonymous_file(str(tmp_path))
+    try:
+        assert os.listdir(str(tmp_path)) == []
+        os.write(fd, b'generated')
+        assert os.pread(fd, 100, 0) == b'generated'
+        assert not os.get_inheritable(fd)
+    finally:
+        os.close(fd)
+
+
+def test_private_file_is_new_with_mode_0600_under_a_fresh_name(tmp_path):
+    fd, path = atftpd.create_private_file(str(tmp_path), '.name.', '.part')
+    os.close(fd)
+    name = os.path.basename(path)
+    assert name.startswith('.name.') and name.endswith('.part')
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    second_fd, second = atftpd.create_private_file(str(tmp_path), '.name.', '.part')
+    os.close(second_fd)
+    assert second != path

@@ -303,3 +303,32 @@ def test_root_serves_only_world_readable_files(start_server, public_root, permis
         assert exc.value.code == atftpd.ERR_ACCESS
         server.wait_for_log(r'refused secret\.txt: not world-readable')
     assert server.stop() == 0
+
+
+###############################################################################
+# Internal errors #############################################################
+###############################################################################
+
+class RecordingLog(atftpd.Log):
+    def __init__(self):
+        atftpd.Log.__init__(self, level=atftpd.LOG_DEBUG, logfile='-')
+        self.lines = []
+
+    def log(self, level, fmt, *args):
+        self.lines.append(fmt % args)
+
+
+def test_internal_error_is_logged_with_its_frames_and_contained():
+    """A handler that raises is reported (with where it was raised, built
+    without the traceback module, which may not import after the privilege
+    drop) and does not leave dispatch."""
+    server = atftpd.Server.__new__(atftpd.Server)
+    server.log = RecordingLog()
+
+    def broken_handler():
+        {}['missing']
+
+    server.dispatch(broken_handler, None)
+    assert server.log.lines[0] == "internal error: KeyError: 'missing'"
+    assert 'test_process.py' in server.log.lines[1]
+    assert server.log.lines[1].endswith('broken_handler()')
