@@ -547,20 +547,18 @@ def pcre_replacement(text):
 ###############################################################################
 
 class FileSource:
-    """Bytes to send, read one block at a time with pread() so that one open
-    descriptor can serve many transfers. Memory does not grow with the file."""
+    """Bytes to send, read where they lie with pread(): no file position, so
+    one open descriptor can serve many transfers, and a resend reads its
+    blocks again rather than keeping them. Memory does not grow with the file."""
 
-    __slots__ = ('fd', 'size', 'offset')
+    __slots__ = ('fd', 'size')
 
     def __init__(self, fd, size):
         self.fd = fd
         self.size = size
-        self.offset = 0
 
-    def read(self, count):
-        data = os.pread(self.fd, count, self.offset)
-        self.offset += len(data)
-        return data
+    def read_at(self, offset, count):
+        return os.pread(self.fd, count, offset)
 
     def close(self):
         if self.fd >= 0:
@@ -570,26 +568,35 @@ class FileSource:
 
 class NetasciiSource:
     """A FileSource seen through netascii_encode; `size` is the converted size
-    when it was cheap to count, else None (then tsize is not offered)."""
+    when it was cheap to count, else None (then tsize is not offered).
 
-    __slots__ = ('raw', 'size', 'buffer')
+    Converted offsets do not map to file offsets, so this source reads the
+    file in order and keeps the converted bytes from the last offset asked
+    for: a transfer asks again only from the block after the last ACK."""
+
+    __slots__ = ('raw', 'raw_offset', 'size', 'buffer', 'buffer_offset')
 
     def __init__(self, raw):
         self.raw = raw
+        self.raw_offset = 0
         self.buffer = b''
+        self.buffer_offset = 0      # where self.buffer lies in the converted stream
         self.size = None
         if raw.size <= NETASCII_TSIZE_LIMIT:
             text = os.pread(raw.fd, raw.size, 0)
             self.size = len(text) + text.count(b'\n') + text.count(b'\r')
 
-    def read(self, count):
+    def read_at(self, offset, count):
+        """Converted bytes from `offset`, which is never before the last one."""
+        self.buffer = self.buffer[offset - self.buffer_offset:]
+        self.buffer_offset = offset
         while len(self.buffer) < count:
-            chunk = self.raw.read(max(count, 4096))
+            chunk = self.raw.read_at(self.raw_offset, max(count, 4096))
             if not chunk:
                 break
+            self.raw_offset += len(chunk)
             self.buffer += netascii_encode(chunk)
-        data, self.buffer = self.buffer[:count], self.buffer[count:]
-        return data
+        return self.buffer[:count]
 
     def close(self):
         self.raw.close()
@@ -696,7 +703,7 @@ class Transfer:
         self.started = time.monotonic()
         self.bytes = 0
         self.blocks_resent = 0
-        self.last_sent = []
+        self.last_sent = ()
         self.outcome = None
         self.quiet = False
 
@@ -729,6 +736,10 @@ class Transfer:
             self.on_gave_up()
             return
         self.retries += 1
+        self.resend(now)
+
+    def resend(self, now):
+        """The peer did not answer in time: send the saved datagrams again."""
         self.blocks_resent += len(self.last_sent)
         self.server.log.packet('%s: timeout, resending %d datagram(s)',
                                self.client_text(), len(self.last_sent))
@@ -844,8 +855,11 @@ class Transfer:
 class ReadTransfer(Transfer):
     """An RRQ: the server sends DATA, the client ACKs.
 
-    The window holds the blocks sent and not yet acknowledged, numbered from
-    `acked + 1`. An ACK for the last block in flight moves the window on; an
+    The window is the `in_flight` blocks sent and not yet acknowledged,
+    numbered from `acked + 1`. Their bytes are not kept: a resend reads them
+    again with one pread, so a transfer that waits for an ACK holds no data
+    (a PXE storm is thousands of such waits). `final` is the number of the
+    last block once a read has reached the end of the file. An ACK for the last block in flight moves the window on; an
     ACK for an earlier block means the client lost the rest (RFC 7440
     section 4), so the window restarts after it at once. In lock-step a
     duplicate ACK (for a block already acknowledged) is ignored: resending on
@@ -855,15 +869,15 @@ class ReadTransfer(Transfer):
     once, but only once until the client makes progress again, so a stream of
     duplicated ACKs cannot multiply the traffic."""
 
-    __slots__ = ('source', 'window', 'acked', 'eof', 'generation', 'restarted')
+    __slots__ = ('source', 'in_flight', 'acked', 'final', 'generation', 'restarted')
     datagrams_per_wakeup = 1
 
     def __init__(self, server, peer, local, request, path):
         Transfer.__init__(self, server, peer, local, request, path)
         self.source = None
-        self.window = []
+        self.in_flight = 0
         self.acked = 0
-        self.eof = False
+        self.final = None
         self.generation = None
         self.restarted = False      # the window was resent on a repeated ACK
 
@@ -887,24 +901,39 @@ class ReadTransfer(Transfer):
             self.send_window(now)
 
     def send_window(self, now):
-        """Top the window up to windowsize blocks and send all of it."""
+        """Send the window: up to windowsize blocks after the last ACK, read
+        with one pread. A short read is the end of the file: its last block
+        is short, maybe empty."""
         blksize = self.params.blksize
-        block = self.acked + len(self.window)
-        missing = self.params.windowsize - len(self.window)
-        if missing > 0 and not self.eof:
-            # One read for all the blocks the window lacks. A short read is
-            # the end of the file: its last block is short, maybe empty.
-            chunk = self.source.read(missing * blksize)
-            self.bytes += len(chunk)
-            self.eof = len(chunk) < missing * blksize
-            blocks = len(chunk) // blksize + (1 if self.eof else 0)
-            for start in range(0, blocks * blksize, blksize):
-                block += 1
-                self.window.append(encode_data(block, chunk[start:start + blksize]))
+        windowsize = self.params.windowsize
+        offset = self.acked * blksize
+        chunk = self.source.read_at(offset, windowsize * blksize)
+        self.bytes = max(self.bytes, offset + len(chunk))
+        blocks = len(chunk) // blksize
+        if blocks < windowsize:
+            blocks += 1
+            self.final = self.acked + blocks
+        else:
+            self.final = None       # the file may have grown since a resend
+        self.in_flight = blocks
         if self.server.log.trace:
             self.server.log.packet('%s: sending blocks %d..%d', self.client_text(),
-                                   self.acked + 1, block)
-        self.send_saved(self.window, now)
+                                   self.acked + 1, self.acked + blocks)
+        block = self.acked
+        for start in range(0, blocks * blksize, blksize):
+            block += 1
+            if not self.send(encode_data(block, chunk[start:start + blksize])):
+                break
+        self.arm(now)
+
+    def resend(self, now):
+        if self.state != SENDING:
+            Transfer.resend(self, now)      # the OACK
+            return
+        self.blocks_resent += self.in_flight
+        self.server.log.packet('%s: timeout, resending %d datagram(s)',
+                               self.client_text(), self.in_flight)
+        self.send_window(now)
 
     def on_datagram(self, data, now):
         header = parse_header(data)
@@ -925,21 +954,19 @@ class ReadTransfer(Transfer):
             return
         if self.state != SENDING:
             return
-        last = self.acked + len(self.window)
-        block = unwrap_block(wire_block, last)
+        block = unwrap_block(wire_block, self.acked + self.in_flight)
         if block < self.acked:
             return                      # Stale: no resend.
         if block == self.acked:
-            if self.params.windowsize > 1 and not self.restarted and self.window:
+            if self.params.windowsize > 1 and not self.restarted and self.in_flight:
                 self.restarted = True
-                self.blocks_resent += len(self.window)
-                self.send_saved(self.window, now)
+                self.blocks_resent += self.in_flight
+                self.send_window(now)
             return                      # Lock-step duplicate: no resend (SAS).
-        del self.window[:block - self.acked]
         self.acked = block
         self.retries = 0
         self.restarted = False
-        if self.eof and not self.window:
+        if block == self.final:
             self.finish('sent')
             return
         self.send_window(now)
@@ -947,7 +974,7 @@ class ReadTransfer(Transfer):
     def on_gave_up(self):
         # Some clients never send the last ACK (dnsmasq's comment says the
         # same): when only the final block is unacknowledged, call it sent.
-        if self.state == SENDING and self.eof and len(self.window) == 1:
+        if self.state == SENDING and self.final == self.acked + 1:
             self.finish('sent (final ACK not received)')
         else:
             Transfer.on_gave_up(self)
@@ -1663,8 +1690,7 @@ class MulticastSession:
         self.server.note_deadline(self.deadline)
 
     def send_block(self, block, now):
-        self.source.offset = (block - 1) * self.blksize
-        payload = self.source.read(self.blksize)
+        payload = self.source.read_at((block - 1) * self.blksize, self.blksize)
         self.blocks_sent += 1
         self.send_saved(encode_data(block, payload), self.group, now)
 
