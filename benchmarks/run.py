@@ -364,10 +364,13 @@ class Server:
                 with open(procs, 'w') as f:
                     f.write(str(os.getpid()))
 
+        # From /, as a daemon runs: `python3 -m atftpd` looks in its working
+        # directory first, and from a checkout it would import (and maybe
+        # compile) the checkout's atftpd.py instead of the candidate's bytecode.
         with open(self.log_path, 'ab') as out:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=out, env=self.env, start_new_session=True,
-                                         preexec_fn=join_cgroup)
+                                         preexec_fn=join_cgroup, cwd='/')
         self.pid = self.proc.pid
         end = time.monotonic() + 10
         while not udp_port_bound(self.port):
