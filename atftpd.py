@@ -90,9 +90,10 @@ MIN_WINDOWSIZE, MAX_WINDOWSIZE = 1, 65535  # RFC 7440
 MAX_DATAGRAM = 65536
 RETRIES = 5                     # atftpd's NB_OF_RETRY
 MAX_OPTION_DIGITS = 20          # longer numbers are garbage, not sizes
-# A sender keeps its window in memory until it is acknowledged. Without a
-# bound, --maxthread clients asking for 64 blocks of 64 KiB would hold 4 MiB
-# each (400 MiB with the defaults): too much for a router.
+# A window is read with one pread and sent as one burst; the kernel queues it
+# and a netascii source keeps it until it is acknowledged. Without a bound, a
+# client asking for 64 blocks of 64 KiB would make that 4 MiB a transfer:
+# more than a receive buffer holds, and too much for a router.
 MAX_WINDOW_BYTES = 1 << 20
 
 # tsize in netascii is the converted size, which means reading the file once
