@@ -741,10 +741,13 @@ class Transfer:
 
     def resend(self, now):
         """The peer did not answer in time: send the saved datagrams again."""
-        self.blocks_resent += len(self.last_sent)
-        self.server.log.packet('%s: timeout, resending %d datagram(s)',
-                               self.client_text(), len(self.last_sent))
+        self.count_resend(len(self.last_sent), 'timeout')
         self.send_saved(self.last_sent, now)
+
+    def count_resend(self, datagrams, reason):
+        self.blocks_resent += datagrams
+        self.server.log.packet('%s: %s, resending %d datagram(s)', self.client_text(),
+                               reason, datagrams)
 
     def on_gave_up(self):
         self.finish('timeout', ERR_UNDEFINED, 'Timeout')
@@ -931,9 +934,7 @@ class ReadTransfer(Transfer):
         if self.state != SENDING:
             Transfer.resend(self, now)      # the OACK
             return
-        self.blocks_resent += self.in_flight
-        self.server.log.packet('%s: timeout, resending %d datagram(s)',
-                               self.client_text(), self.in_flight)
+        self.count_resend(self.in_flight, 'timeout')
         self.send_window(now)
 
     def on_datagram(self, data, now):
@@ -961,7 +962,7 @@ class ReadTransfer(Transfer):
         if block == self.acked:
             if self.params.windowsize > 1 and not self.restarted and self.in_flight:
                 self.restarted = True
-                self.blocks_resent += self.in_flight
+                self.count_resend(self.in_flight, 'repeated ACK')
                 self.send_window(now)
             return                      # Lock-step duplicate: no resend (SAS).
         self.acked = block
@@ -1166,7 +1167,7 @@ class Generation:
     through SIGCHLD on the wakeup descriptor and then polls this child only.
     """
 
-    __slots__ = ('server', 'transfers', 'key', 'env', 'argv', 'proc', 'temp', 'pipe',
+    __slots__ = ('server', 'transfers', 'key', 'env', 'argv', 'proc', 'temp_fd', 'pipe',
                  'output', 'deadline', 'result', 'started', 'reason')
 
     OUTPUT_LOG_LIMIT = 4096
@@ -1178,7 +1179,7 @@ class Generation:
         self.env = env
         self.transfers = []         # ReadTransfers waiting for this content
         self.proc = None
-        self.temp = None
+        self.temp_fd = None
         self.pipe = None
         self.output = b''
         self.deadline = None
@@ -1188,7 +1189,7 @@ class Generation:
 
     def start(self, now):
         config = self.server.config
-        self.temp = temp_fd = open_anonymous_file(config.generator_tmpdir)
+        self.temp_fd = temp_fd = open_anonymous_file(config.generator_tmpdir)
         limit = config.generator_max_size
 
         def child_setup():
@@ -1256,7 +1257,7 @@ class Generation:
         if self.pipe is not None:
             self.on_output()
             self.close_pipe()
-        size = os.fstat(self.temp).st_size
+        size = os.fstat(self.temp_fd).st_size
         limit = self.server.config.generator_max_size
         if status is None:
             pass
@@ -1269,10 +1270,10 @@ class Generation:
         elif size == 0:
             self.reason = 'no output'
         else:
-            self.result = os.dup(self.temp)
+            self.result = os.dup(self.temp_fd)
             self.reason = 'ok'
-        os.close(self.temp)
-        self.temp = None
+        os.close(self.temp_fd)
+        self.temp_fd = None
         self.proc = None
         self.log_output()
 
@@ -1289,9 +1290,9 @@ class Generation:
             self.proc.wait()
             self.proc = None
         self.close_pipe()
-        if self.temp is not None:
-            os.close(self.temp)
-            self.temp = None
+        if self.temp_fd is not None:
+            os.close(self.temp_fd)
+            self.temp_fd = None
         if self.result is not None:
             os.close(self.result)
             self.result = None
@@ -1386,9 +1387,9 @@ class GeneratorPool:
         A run that could not start (no memory, no file descriptors) says
         nothing about the file, so it is not cached: the next request tries
         again."""
-        if generation.temp is not None:     # it could not even start
-            os.close(generation.temp)
-            generation.temp = None
+        if generation.temp_fd is not None:     # it could not even start
+            os.close(generation.temp_fd)
+            generation.temp_fd = None
         self.runs.pop(generation.key, None)
         seconds = now - (generation.started or now)
         self.server.log.info('generator for %s: %s (%.3f s)', escape(generation.argv[2]),
