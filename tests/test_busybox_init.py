@@ -250,7 +250,7 @@ def installed(tmp_path):
     # The interpreter must stay readable after the switch to nobody.
     python = '/usr/bin/python3' if os.access('/usr/bin/python3', os.X_OK) else sys.executable
     info = {'dir': place, 'prog': installed_copy(place, '#!' + python),
-            'port': free_udp_port()}
+            'port': free_udp_port(), 'python': python}
     info['root'], info['files'] = world_readable_root(place)
     try:
         with Subreaper() as reaper:
@@ -261,6 +261,34 @@ def installed(tmp_path):
     finally:
         kill_pids(pids_with(place))
         shutil.rmtree(place, ignore_errors=True)
+
+
+def module_launch(info, words):
+    """A shipped `python3 -m atftpd` command with the test's paths: the
+    interpreter, the directory on PYTHONPATH and the served tree."""
+    assert 'PYTHONPATH=/usr/sbin' in words and '/usr/bin/python3' in words, words
+    swap = {'PYTHONPATH=/usr/sbin': 'PYTHONPATH=' + info['dir'],
+            '/usr/bin/python3': info['python'], '/srv/tftp': info['root']}
+    return [swap.get(word, word) for word in words]
+
+
+def boot_environment():
+    """The environment init or a superserver would have: none of the test
+    run's Python settings (PYTHONDONTWRITEBYTECODE would keep the cache out)."""
+    return {name: value for name, value in os.environ.items()
+            if not name.startswith('PYTHON')}
+
+
+def server_pids(info):
+    """The servers: `python3 -m atftpd ... ROOT` names no program path, so
+    they are found by their served tree."""
+    return pids_with(info['root'])
+
+
+def assert_bytecode_cached(info):
+    """Started as a module, the server left its bytecode beside atftpd.py."""
+    cache = os.path.join(info['dir'], '__pycache__')
+    assert [n for n in os.listdir(cache) if n.startswith('atftpd.')], os.listdir(cache)
 
 
 def fetch_all(info):
@@ -279,7 +307,7 @@ def assert_runs_as_nobody(pids):
 
 def stop_superserver(proc, info):
     """End the servers inetd started (inetd reaps them), then inetd."""
-    servers = pids_with(info['prog'])
+    servers = server_pids(info)
     kill_pids(servers, signal.SIGTERM)
     wait_until(lambda: not [pid for pid in servers if pid_alive(pid)], 20,
                'the inetd-started servers to exit')
@@ -296,23 +324,27 @@ def test_inetd_line_under_openbsd_inetd(installed):
     lines = shipped_lines(INETD_CONF)
     assert len(lines) == 1
     fields = lines[0].split(None, 6)
-    assert fields[:6] == ['tftp', 'dgram', 'udp', 'wait', 'root', '/usr/sbin/atftpd.py']
-    assert fields[6] == 'atftpd.py /srv/tftp'
+    assert fields[:6] == ['tftp', 'dgram', 'udp', 'wait', 'root', '/usr/bin/env']
+    argv = fields[6].split()
+    assert argv == ['env', 'PYTHONPATH=/usr/sbin', '/usr/bin/python3', '-m', 'atftpd',
+                    '/srv/tftp']
     fields[0] = str(installed['port'])
-    fields[5] = installed['prog']
-    fields[6] = fields[6].replace('/srv/tftp', installed['root'])
+    fields[6] = ' '.join(module_launch(installed, argv))
     conf = os.path.join(installed['dir'], 'inetd.conf')
     with open(conf, 'w') as f:
         f.write('\t'.join(fields) + '\n')
+    # From /, as a daemon runs: -m looks in the working directory first.
     with open(os.path.join(installed['dir'], 'inetd.out'), 'w') as out:
         proc = subprocess.Popen([inetd, '-d', '-i', conf], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, cwd='/',
+                                env=boot_environment())
     try:
         wait_until(lambda: udp_port_bound(installed['port']), READY_TIMEOUT, 'inetd to bind')
         fetch_all(installed)
-        servers = pids_with(installed['prog'])
+        servers = server_pids(installed)
         assert len(servers) == 1, servers          # wait mode: one server for all
         assert_runs_as_nobody(servers)
+        assert_bytecode_cached(installed)
     finally:
         stop_superserver(proc, installed)
 
@@ -346,8 +378,9 @@ def test_xinetd_stanza_under_xinetd(installed, tmp_path):
     stanza = text[text.index('service tftp'):]
     replacements = [
         (r'^(\tport\t+= )69$', r'\g<1>%d' % installed['port']),
-        (r'^(\tserver\t+= )/usr/sbin/atftpd\.py$', r'\g<1>' + installed['prog']),
-        (r'^(\tserver_args\t+= )/srv/tftp$', r'\g<1>' + installed['root']),
+        (r'^(\tserver\t+= )/usr/bin/python3$', r'\g<1>' + installed['python']),
+        (r'^(\tserver_args\t+= -m atftpd )/srv/tftp$', r'\g<1>' + installed['root']),
+        (r'^(\tenv\t+= PYTHONPATH=)/usr/sbin$', r'\g<1>' + installed['dir']),
     ]
     for pattern, replacement in replacements:
         stanza, count = re.subn(pattern, replacement, stanza, flags=re.M)
@@ -359,15 +392,17 @@ def test_xinetd_stanza_under_xinetd(installed, tmp_path):
     open(log, 'w').close()
     with open(os.path.join(installed['dir'], 'xinetd.out'), 'w') as out:
         proc = subprocess.Popen([xinetd, '-dontfork', '-stayalive', '-filelog', log, '-f', conf],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                cwd='/', env=boot_environment())
     try:
         wait_until(lambda: udp_port_bound(installed['port']) or proc.poll() is not None,
                    READY_TIMEOUT, 'xinetd to bind')
         assert proc.poll() is None, open(log).read()
         fetch_all(installed)
-        servers = pids_with(installed['prog'])
+        servers = server_pids(installed)
         assert len(servers) == 1, servers
         assert_runs_as_nobody(servers)
+        assert_bytecode_cached(installed)
     finally:
         stop_superserver(proc, installed)
     assert 'ERROR' not in open(log).read()
@@ -379,17 +414,19 @@ def test_inittab_line_runs_the_server_in_the_foreground(installed):
     tty, runlevel, action, process = lines[0].split(':', 3)
     assert (tty, runlevel, action) == ('', '', 'respawn')
     argv = shlex.split(process)
-    assert argv == ['/usr/sbin/atftpd.py', '--daemon', '--no-fork', '--port', '69', '/srv/tftp']
-    argv = [installed['prog'], '--daemon', '--no-fork', '--port', str(installed['port']),
-            installed['root']]
+    assert argv == ['/usr/bin/env', 'PYTHONPATH=/usr/sbin', '/usr/bin/python3', '-m', 'atftpd',
+                    '--daemon', '--no-fork', '--port', '69', '/srv/tftp']
+    argv = module_launch(installed, argv)
+    argv[argv.index('69')] = str(installed['port'])
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, cwd='/', env=boot_environment())
     try:
         wait_until(lambda: udp_port_bound(installed['port']) or proc.poll() is not None,
                    READY_TIMEOUT, 'the server to bind')
         assert proc.poll() is None, 'exited with %s' % proc.returncode
         fetch_all(installed)
-        assert_runs_as_nobody([proc.pid])
+        assert_runs_as_nobody(server_pids(installed))
+        assert_bytecode_cached(installed)
     finally:
         proc.terminate()
         try:
