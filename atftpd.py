@@ -39,6 +39,7 @@ Licence: GPL-2.0-or-later, like atftpd.
 import argparse
 import errno
 import grp
+import itertools
 import os
 import pwd
 import re
@@ -607,7 +608,8 @@ class NetasciiSource:
 # but importing tempfile pulls in shutil, random, bz2 and lzma: 0.9 MiB of
 # resident memory (measured, benchmarks/README.md) for two system calls.
 
-_temp_names = [0]
+_temp_names = itertools.count(1)
+
 
 def create_private_file(directory, prefix, suffix):
     """Create a new file under an unused name, mode 0600; return (fd, path).
@@ -618,9 +620,8 @@ def create_private_file(directory, prefix, suffix):
     flags = (os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0)
              | getattr(os, 'O_CLOEXEC', 0))
     for _ in range(100):
-        _temp_names[0] += 1
         path = os.path.join(directory, '%s%x%x%s' % (
-            prefix, time.time_ns() & 0xFFFFFFFF, _temp_names[0], suffix))
+            prefix, time.time_ns() & 0xFFFFFFFF, next(_temp_names), suffix))
         try:
             return os.open(path, flags, 0o600), path
         except FileExistsError:
@@ -863,9 +864,11 @@ class ReadTransfer(Transfer):
     numbered from `acked + 1`. Their bytes are not kept: a resend reads them
     again with one pread, so a transfer that waits for an ACK holds no data
     (a PXE storm is thousands of such waits). `final` is the number of the
-    last block once a read has reached the end of the file. An ACK for the last block in flight moves the window on; an
-    ACK for an earlier block means the client lost the rest (RFC 7440
-    section 4), so the window restarts after it at once. In lock-step a
+    last block once a read has reached the end of the file.
+
+    An ACK for the last block in flight moves the window on; an ACK for an
+    earlier block means the client lost the rest (RFC 7440 section 4), so
+    the window restarts after it at once. In lock-step a
     duplicate ACK (for a block already acknowledged) is ignored: resending on
     it would start the Sorcerer's Apprentice cycle (RFC 1123 4.2.3.1). With a
     window, a repeated ACK of the previous window's end means the first block
