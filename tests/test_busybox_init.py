@@ -241,7 +241,7 @@ def test_unknown_action_prints_usage(box):
 def installed(tmp_path):
     """A world-readable place (the server drops to nobody) with the server
     installed as a router would have it and a served tree.
-    {'dir', 'prog', 'root', 'files', 'port'}; every process whose command
+    {'dir', 'prog', 'python', 'root', 'files', 'port'}; every process whose command
     line names the place is killed at the end."""
     need_root()
     need_program('busybox', 'busybox')
