@@ -82,6 +82,17 @@ def test_encoders():
     assert len(atftpd.encode_error(0, 'x' * 5000)) < 512
 
 
+def test_encode_data_run_numbers_and_cuts_the_blocks():
+    run = atftpd.encode_data_run(65534, b'aaabbbc', 3, 3)
+    assert run == [b'\x00\x03\xff\xfeaaa', b'\x00\x03\xff\xffbbb', b'\x00\x03\x00\x00c']
+
+
+def test_encode_data_run_ends_with_an_empty_block_when_asked():
+    run = atftpd.encode_data_run(1, b'aaabbb', 3, 3)
+    assert run[-1] == b'\x00\x03\x00\x03'
+    assert [len(d) for d in run] == [7, 7, 4]
+
+
 def test_parse_error_escapes_the_message():
     code, message = atftpd.parse_error(b'\x00\x05\x00\x08bad\n\x1b[31m\x00')
     assert code == 8 and '\n' not in message and '\x1b' not in message

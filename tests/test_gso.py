@@ -1,0 +1,120 @@
+"""UDP GSO for windowed downloads. The first GSO_AFTER blocks of a window go
+one by one, the rest in sendmsg() batches that the kernel (Linux 4.18+) cuts
+back into datagrams. A client must see exactly the datagrams it would see
+without GSO, and where the kernel refuses (here: a block above the path MTU)
+the server must go on block by block."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+import conftest
+import impaired_link
+from conftest import IS_ROOT, RawClient, ServerProcess
+from wire_helpers import client_for, wait_for_log_count, windowed_get
+
+SIZE = 40 * 1428        # a multiple of 1428 and of 512: the final block is empty
+
+
+@pytest.fixture
+def gso_root(tftp_root):
+    (tftp_root / 'gso.bin').write_bytes(os.urandom(SIZE))
+    (tftp_root / 'gso-odd.bin').write_bytes(os.urandom(SIZE + 777))
+    return tftp_root
+
+
+@pytest.mark.parametrize('name', ['gso.bin', 'gso-odd.bin'])
+@pytest.mark.parametrize('windowsize, blksize', [(16, 1428), (64, 1428), (48, 512),
+                                                 (24, 8192)])
+def test_windowed_download_arrives_block_by_block(start_server, gso_root, name, windowsize,
+                                                  blksize):
+    """windowed_get asserts that every DATA is one block (no payload above
+    blksize) and in order; nothing may be sent twice on a clean loopback."""
+    server = start_server('--verbose=7')
+    expected = (gso_root / name).read_bytes()
+    with client_for(server) as c:
+        data, stats = windowed_get(c, name, windowsize, blksize)
+    assert data == expected
+    assert stats['seen'] == len(expected) // blksize + 1
+    assert 'no GSO' not in server.log()
+
+
+def need_tool(name):
+    if shutil.which(name) is None:
+        pytest.fail('%s is needed (tests/debian-packages.txt)' % name, pytrace=False)
+
+
+def traced_by(pid):
+    with open('/proc/%d/status' % pid) as f:
+        return any(line.startswith('TracerPid:') and line.split()[1] != '0' for line in f)
+
+
+def test_window_beyond_gso_after_goes_in_few_system_calls(start_server, gso_root, tmp_path):
+    """strace the server: a window of 64 blocks is 8 sendto() calls and then
+    GSO batches, not 64 sendto() calls."""
+    if not IS_ROOT:
+        pytest.skip('strace -p needs root (or ptrace rights) on the server')
+    need_tool('strace')
+    server = start_server()
+    trace = tmp_path / 'strace.txt'
+    tracer = subprocess.Popen(['strace', '-f', '-qq', '-e', 'trace=sendto,sendmsg', '-o',
+                               str(trace), '-p', str(server.pid)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not traced_by(server.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert traced_by(server.pid), 'strace did not attach'
+        with client_for(server) as c:
+            data, stats = windowed_get(c, 'gso.bin', 64, 1428)
+    finally:
+        tracer.terminate()
+        tracer.wait(10)
+    assert data == (gso_root / 'gso.bin').read_bytes()
+    lines = trace.read_text().splitlines()
+    batches = [line for line in lines if 'sendmsg(' in line and '= -1' not in line]
+    singles = [line for line in lines if 'sendto(' in line]
+    # 41 blocks in one window: block 1..8 one by one (and the OACK), then one
+    # batch of 33 (the last of them the empty final block).
+    assert len(batches) == 1, lines
+    assert len(singles) == 9, lines
+
+
+def test_gso_refused_falls_back_to_block_by_block(tmp_path, gso_root):
+    """In a namespace whose loopback has a 1500-byte MTU, GSO of 8 KiB blocks
+    is refused (EMSGSIZE); the window goes on block by block, fragmented."""
+    why = impaired_link.can_make_namespaces()
+    if why is not None:
+        if os.environ.get('CI') == 'true':
+            pytest.fail('GSO fallback test: %s (CI=true)' % why, pytrace=False)
+        pytest.skip('GSO fallback test: %s' % why)
+    namespace = 'atftpdgso%d' % os.getpid()
+    impaired_link.run('ip', 'netns', 'add', namespace)
+    server = None
+    try:
+        impaired_link.run('ip', '-n', namespace, 'link', 'set', 'lo', 'mtu', '1500', 'up')
+        argv = ['ip', 'netns', 'exec', namespace, sys.executable, conftest.SERVER,
+                '--logfile', '-', '--daemon', '--no-fork', '--port', '0',
+                '--bind-address', '127.0.0.1', '--user', 'root.root', '--verbose=7',
+                str(gso_root)]
+        server = ServerProcess(gso_root, argv=argv)
+
+        expected = os.urandom(20 * 8192 + 100)
+        (gso_root / 'gso-8k.bin').write_bytes(expected)
+
+        def fetch():
+            with RawClient('127.0.0.1', server.port) as c:
+                return windowed_get(c, 'gso-8k.bin', 16, 8192)
+
+        data, stats = impaired_link.in_namespace(namespace, fetch)
+        assert data == expected
+        assert stats['seen'] == 21
+        wait_for_log_count(server, 'no GSO, sending block by block', 1)
+    finally:
+        if server is not None and server.alive():
+            assert server.stop() == 0
+        impaired_link.run('ip', 'netns', 'del', namespace, check=False)
