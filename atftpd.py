@@ -949,37 +949,48 @@ class ReadTransfer(Transfer):
         if self.server.log.trace:
             self.server.log.packet('%s: sending blocks %d..%d', self.client_text(),
                                    self.acked + 1, self.acked + blocks)
-        self.send_run(encode_data_run(self.acked + 1, chunk, blksize, blocks))
+        self.send_blocks(self.acked + 1, chunk, blocks)
         self.arm(now)
 
-    def send_run(self, datagrams):
-        """Send consecutive DATA datagrams: the first GSO_AFTER one by one, the
-        rest in GSO batches while the kernel takes them. It refuses GSO where
-        it cannot cut (before Linux 4.18, a block above the path MTU, IPsec,
-        no checksum offload); this transfer then sends block by block."""
-        for datagram in datagrams[:GSO_AFTER]:
-            if not self.send(datagram):
+    def send_blocks(self, first, chunk, count):
+        """Send `count` blocks cut from `chunk`, numbered from `first`: the
+        first GSO_AFTER one by one, each as soon as it is cut, then GSO
+        batches. A failed send stops the window, as a lost datagram would."""
+        blksize = self.params.blksize
+        per_call = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // (blksize + 4))
+        view = memoryview(chunk)
+        sent = 0
+        while sent < count:
+            if sent < GSO_AFTER or per_call < 2 or not self.gso:
+                batch = 1
+                sent_ok = self.send(encode_data(first + sent, view[sent * blksize:
+                                                                  (sent + 1) * blksize]))
+            else:
+                batch = min(per_call, count - sent)
+                sent_ok = self.send_gso(encode_data_run(first + sent, view[sent * blksize:],
+                                                        blksize, batch))
+            if not sent_ok:
                 return
+            sent += batch
+
+    def send_gso(self, datagrams):
+        """Send datagrams of one size (the last may be shorter) with one
+        sendmsg(). Where the kernel refuses GSO (before Linux 4.18, a block
+        above the path MTU, IPsec, no checksum offload) they go one by one,
+        and so does the rest of this transfer."""
         size = len(datagrams[0])
-        per_call = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size)
-        start = GSO_AFTER
-        while self.gso and per_call > 1 and len(datagrams) - start > 1:
-            batch = datagrams[start:start + per_call]
-            try:
-                self.sock.sendmsg([b''.join(batch)], [(SOL_UDP, UDP_SEGMENT,
-                                                        size.to_bytes(2, sys.byteorder))],
-                                  0, self.peer)
-            except (BlockingIOError, InterruptedError):
-                return                  # Like a lost window: the timer or the peer recovers.
-            except OSError as exc:
-                self.gso = False
-                self.server.log.debug('%s: no GSO, sending block by block: %s',
-                                      self.client_text(), exc)
-                break
-            start += len(batch)
-        for datagram in datagrams[start:]:
-            if not self.send(datagram):
-                return
+        try:
+            self.sock.sendmsg([b''.join(datagrams)],
+                              [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))],
+                              0, self.peer)
+            return True
+        except (BlockingIOError, InterruptedError):
+            return False                # Like a lost window: the timer or the peer recovers.
+        except OSError as exc:
+            self.gso = False
+            self.server.log.debug('%s: no GSO, sending block by block: %s',
+                                  self.client_text(), exc)
+        return all(self.send(datagram) for datagram in datagrams)
 
     def resend(self, now):
         if self.state != SENDING:
