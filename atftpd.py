@@ -958,26 +958,26 @@ class ReadTransfer(Transfer):
         batches. A failed send stops the window, as a lost datagram would."""
         blksize = self.params.blksize
         per_call = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // (blksize + 4))
-        view = memoryview(chunk)
-        sent = 0
-        while sent < count:
-            if sent < GSO_AFTER or per_call < 2 or not self.gso:
-                batch = 1
-                sent_ok = self.send(encode_data(first + sent, view[sent * blksize:
-                                                                  (sent + 1) * blksize]))
-            else:
-                batch = min(per_call, count - sent)
-                sent_ok = self.send_gso(encode_data_run(first + sent, view[sent * blksize:],
-                                                        blksize, batch))
-            if not sent_ok:
+        alone = min(count, GSO_AFTER) if self.gso and per_call > 1 else count
+        for i in range(alone):
+            if not self.send(encode_data(first + i, chunk[i * blksize:(i + 1) * blksize])):
                 return
-            sent += batch
+        if alone == count:
+            return
+        view = memoryview(chunk)
+        for start in range(alone, count, per_call):
+            batch = encode_data_run(first + start, view[start * blksize:], blksize,
+                                    min(per_call, count - start))
+            if not self.send_gso(batch):
+                return
 
     def send_gso(self, datagrams):
         """Send datagrams of one size (the last may be shorter) with one
         sendmsg(). Where the kernel refuses GSO (before Linux 4.18, a block
         above the path MTU, IPsec, no checksum offload) they go one by one,
         and so does the rest of this transfer."""
+        if not self.gso:
+            return all(self.send(datagram) for datagram in datagrams)
         size = len(datagrams[0])
         try:
             self.sock.sendmsg([b''.join(datagrams)],

@@ -43,6 +43,17 @@ def test_windowed_download_arrives_block_by_block(start_server, gso_root, name, 
     assert 'no GSO' not in server.log()
 
 
+def test_blocks_too_big_for_a_batch_go_one_by_one(start_server, tftp_root):
+    """Two 40000-byte blocks exceed a GSO call's 64 KiB: no batch is tried."""
+    expected = os.urandom(12 * 40000 + 5)
+    (tftp_root / 'big-blocks.bin').write_bytes(expected)
+    server = start_server('--verbose=7')
+    with client_for(server) as c:
+        data, stats = windowed_get(c, 'big-blocks.bin', 16, 40000)
+    assert data == expected and stats['seen'] == 13
+    assert 'no GSO' not in server.log()
+
+
 def need_tool(name):
     if shutil.which(name) is None:
         pytest.fail('%s is needed (tests/debian-packages.txt)' % name, pytrace=False)
