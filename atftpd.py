@@ -910,7 +910,7 @@ class ReadTransfer(Transfer):
         self.final = None
         self.generation = None
         self.restarted = False      # the window was resent on a repeated ACK
-        self.gso = True             # until the kernel refuses a GSO send
+        self.gso = server.config.gso    # until the kernel refuses a GSO send
 
     def begin(self, source, now):
         """Content is ready: negotiate options, send the OACK or block 1."""
@@ -2829,6 +2829,9 @@ def build_parser():
              % (MIN_BLKSIZE, MAX_BLKSIZE, MAX_BLKSIZE))
     opt('--max-windowsize', type=positive_int, default=64, metavar='N',
         help='largest windowsize granted (1..65535, default 64); larger requests are lowered')
+    opt('--no-gso', action='store_true',
+        help='send each DATA datagram with its own system call, never a UDP GSO batch '
+             '(for a kernel or network driver that mishandles GSO)')
     opt('--logfile', metavar='FILE', help="log to FILE ('-' = stdout) instead of syslog")
     opt('--pidfile', metavar='FILE', help='write the process id to FILE (daemon mode)')
     opt('--daemon', action='store_true', help='run standalone (default: inetd mode on stdin)')
@@ -2955,6 +2958,7 @@ def config_from_args(parser, argv):
                  'generator_timeout', 'generator_max_size', 'generator_max_running',
                  'generator_cache'):
         setattr(config, name, getattr(args, name))
+    config.gso = not args.no_gso
     config.generator = args.content_generator
     if config.generator:
         config.generator = os.path.abspath(config.generator)

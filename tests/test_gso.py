@@ -50,7 +50,9 @@ def test_blocks_too_big_for_a_batch_go_one_by_one(start_server, tftp_root):
     server = start_server('--verbose=7')
     with client_for(server) as c:
         data, stats = windowed_get(c, 'big-blocks.bin', 16, 40000)
-    assert data == expected and stats['seen'] == 13
+    # 520 kB at once overflows the client's receive buffer now and then:
+    # resends may add datagrams, the bytes must be right.
+    assert data == expected
     assert 'no GSO' not in server.log()
 
 
@@ -64,13 +66,19 @@ def traced_by(pid):
         return any(line.startswith('TracerPid:') and line.split()[1] != '0' for line in f)
 
 
-def test_window_beyond_gso_after_goes_in_few_system_calls(start_server, gso_root, tmp_path):
-    """strace the server: a window of 64 blocks is 8 sendto() calls and then
-    GSO batches, not 64 sendto() calls."""
+@pytest.mark.parametrize('args, batches, singles', [
+    # 41 blocks in one window: the OACK and blocks 1..8 one by one, then one
+    # batch of 33 (the last of them the empty final block).
+    ((), 1, 9),
+    # --no-gso: every block with its own sendto().
+    (('--no-gso',), 0, 42),
+])
+def test_system_calls_for_one_window(start_server, gso_root, tmp_path, args, batches, singles):
+    """strace the server during one window of 64 blocks."""
     if not IS_ROOT:
         pytest.skip('strace -p needs root (or ptrace rights) on the server')
     need_tool('strace')
-    server = start_server()
+    server = start_server(*args)
     trace = tmp_path / 'strace.txt'
     tracer = subprocess.Popen(['strace', '-f', '-qq', '-e', 'trace=sendto,sendmsg', '-o',
                                str(trace), '-p', str(server.pid)],
@@ -87,12 +95,8 @@ def test_window_beyond_gso_after_goes_in_few_system_calls(start_server, gso_root
         tracer.wait(10)
     assert data == (gso_root / 'gso.bin').read_bytes()
     lines = trace.read_text().splitlines()
-    batches = [line for line in lines if 'sendmsg(' in line and '= -1' not in line]
-    singles = [line for line in lines if 'sendto(' in line]
-    # 41 blocks in one window: block 1..8 one by one (and the OACK), then one
-    # batch of 33 (the last of them the empty final block).
-    assert len(batches) == 1, lines
-    assert len(singles) == 9, lines
+    assert len([line for line in lines if 'sendmsg(' in line and '= -1' not in line]) == batches
+    assert len([line for line in lines if 'sendto(' in line]) == singles, lines
 
 
 def test_gso_refused_falls_back_to_block_by_block(tmp_path, gso_root):

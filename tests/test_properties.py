@@ -9,6 +9,7 @@ seconds; set ATFTPD_HYPOTHESIS_EXAMPLES to search harder.
 
 import os
 import struct
+import sys
 import tempfile
 
 from hypothesis import HealthCheck, assume, given, settings
@@ -329,6 +330,16 @@ class FakeSocket:
         assert not self.closed, 'sent on a closed transfer socket'
         self.sent.append(datagram)
 
+    def sendmsg(self, buffers, ancdata, flags, addr):
+        """A GSO send, cut apart as the kernel cuts it."""
+        [(level, kind, value)] = ancdata
+        assert (level, kind) == (atftpd.SOL_UDP, atftpd.UDP_SEGMENT)
+        size = int.from_bytes(value, sys.byteorder)
+        data = b''.join(buffers)
+        assert 0 < len(data) <= size * atftpd.GSO_MAX_SEGMENTS     # one is a plain datagram
+        for start in range(0, len(data), size):
+            self.sendto(data[start:start + size], addr)
+
     def getsockname(self):
         return ('127.0.0.1', 4242)
 
@@ -346,6 +357,7 @@ class FakeLog:
 
 class FakeConfig:
     retry_timeout = 1
+    gso = True
 
 
 class FakeServer:
@@ -395,6 +407,20 @@ def test_read_transfer_only_ever_sends_the_right_bytes_for_each_block_rfc7440(
     whenever the timer fires, every DATA sent carries exactly the file's
     bytes for its block number, no block beyond the window is sent, and
     'sent' is only claimed once the client acknowledged the last block."""
+    check_read_transfer(content, blksize, windowsize, events)
+
+
+@FEWER
+@given(st.binary(min_size=300, max_size=1500), st.integers(8, 32),
+       st.integers(atftpd.GSO_AFTER + 1, 80), st.lists(read_event, max_size=120))
+def test_windows_past_gso_after_send_the_same_blocks_rfc7440(
+        content, blksize, windowsize, events):
+    """The same, with windows long enough for GSO batches (FakeSocket cuts
+    them apart as the kernel does)."""
+    check_read_transfer(content, blksize, windowsize, events)
+
+
+def check_read_transfer(content, blksize, windowsize, events):
     with tempfile.TemporaryFile() as f:
         f.write(content)
         f.flush()
