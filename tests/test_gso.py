@@ -43,6 +43,15 @@ def test_windowed_download_arrives_block_by_block(start_server, gso_root, name, 
     assert 'no GSO' not in server.log()
 
 
+def test_windowed_download_over_ipv6_arrives_block_by_block(start_server, gso_root):
+    server = start_server('--verbose=7', bind=('::1',))
+    with client_for(server) as c:
+        data, stats = windowed_get(c, 'gso-odd.bin', 32, 1428)
+    assert data == (gso_root / 'gso-odd.bin').read_bytes()
+    assert stats['seen'] == len(data) // 1428 + 1
+    assert 'no GSO' not in server.log()
+
+
 def test_blocks_too_big_for_a_batch_go_one_by_one(start_server, tftp_root):
     """Two 40000-byte blocks exceed a GSO call's 64 KiB: no batch is tried."""
     expected = os.urandom(12 * 40000 + 5)
