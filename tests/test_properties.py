@@ -420,15 +420,29 @@ def test_windows_past_gso_after_send_the_same_blocks_rfc7440(
     check_read_transfer(content, blksize, windowsize, events)
 
 
-def check_read_transfer(content, blksize, windowsize, events):
+@FEWER
+@given(st.binary(max_size=600).map(lambda b: b.replace(b'\x00', b'\n')),  # many line ends
+       st.integers(8, 32),
+       st.integers(2, 20), st.lists(read_event, max_size=120))
+def test_netascii_windows_resend_the_same_converted_bytes_rfc7440(
+        text, blksize, windowsize, events):
+    """netascii cannot seek by converted offset: whatever the ACKs and
+    timeouts, a window (its first block read on its own, or in GSO batches)
+    carries the converted bytes for its block numbers."""
+    check_read_transfer(text, blksize, windowsize, events, 'netascii')
+
+
+def check_read_transfer(content, blksize, windowsize, events, mode='octet'):
     with tempfile.TemporaryFile() as f:
         f.write(content)
         f.flush()
         server = FakeServer(Limits())
-        request = atftpd.Request(OP_RRQ, 'f', 'octet', [('blksize', str(blksize)),
-                                                         ('windowsize', str(windowsize))])
+        request = atftpd.Request(OP_RRQ, 'f', mode, [('blksize', str(blksize)),
+                                                      ('windowsize', str(windowsize))])
         transfer = atftpd.ReadTransfer(server, PEER, ('127.0.0.1', 0), request, '/x/f')
         transfer.begin(atftpd.FileSource(os.dup(f.fileno()), len(content)), 0.0)
+        if mode == 'netascii':
+            content = netascii_encode(content)
         last_block = len(content) // blksize + 1
         client_acked = 0            # the highest block the client has acknowledged
         highest_sent = 0            # a client can only acknowledge what it was sent
