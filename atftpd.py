@@ -936,11 +936,11 @@ class ReadTransfer(Transfer):
         with one pread. A short read is the end of the file: its last block
         is short, maybe empty.
 
-        A window of 2..GSO_AFTER blocks has its first block read and sent
-        before the rest: the client, the slower side, starts on it while the
-        server reads and cuts the others (ws 8 gained 7-10%). A larger window
-        keeps the single read: there the client would sit idle after the
-        first block while the rest is read (ws 16 lost 5%; benchmarks/README.md, H)."""
+        A window of 2..GSO_AFTER blocks first reads and sends its first block
+        alone: the client, the slower side, starts on it while the server
+        reads and cuts the others (ws 8 gained 7-10%). A larger window does
+        not: there the client sat idle after the first block while the rest
+        was read (ws 16 lost 5%; benchmarks/README.md, H)."""
         blksize = self.params.blksize
         windowsize = self.params.windowsize
         offset = self.acked * blksize
