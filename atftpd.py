@@ -988,20 +988,19 @@ class ReadTransfer(Transfer):
         sendmsg(). Where the kernel refuses GSO (before Linux 4.18, a block
         above the path MTU, IPsec, no checksum offload) they go one by one,
         and so does the rest of this transfer."""
-        if not self.gso:
-            return all(self.send(datagram) for datagram in datagrams)
-        size = len(datagrams[0])
-        try:
-            self.sock.sendmsg([b''.join(datagrams)],
-                              [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))],
-                              0, self.peer)
-            return True
-        except (BlockingIOError, InterruptedError):
-            return False                # Like a lost window: the timer or the peer recovers.
-        except OSError as exc:
-            self.gso = False
-            self.server.log.debug('%s: no GSO, sending block by block: %s',
-                                  self.client_text(), exc)
+        if self.gso:
+            size = len(datagrams[0])
+            try:
+                self.sock.sendmsg([b''.join(datagrams)],
+                                  [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))],
+                                  0, self.peer)
+                return True
+            except (BlockingIOError, InterruptedError):
+                return False            # Like a lost window: the timer or the peer recovers.
+            except OSError as exc:
+                self.gso = False
+                self.server.log.debug('%s: no GSO, sending block by block: %s',
+                                      self.client_text(), exc)
         return all(self.send(datagram) for datagram in datagrams)
 
     def resend(self, now):

@@ -61,6 +61,18 @@ def can_make_namespaces():
     return None
 
 
+def require_namespaces(what):
+    """Skip the calling test when network namespaces cannot be made; with
+    CI=true, fail it instead."""
+    import pytest
+    why = can_make_namespaces()
+    if why is None:
+        return
+    if os.environ.get('CI') == 'true':
+        pytest.fail('%s: %s (CI=true, so this is a failure)' % (what, why), pytrace=False)
+    pytest.skip('%s: %s' % (what, why))
+
+
 def setns(name):
     """Move the calling THREAD into network namespace `name` (ip netns)."""
     fd = os.open('/var/run/netns/%s' % name, os.O_RDONLY)

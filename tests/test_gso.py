@@ -108,14 +108,11 @@ def test_system_calls_for_one_window(start_server, gso_root, tmp_path, args, bat
     assert len([line for line in lines if 'sendto(' in line]) == singles, lines
 
 
+@pytest.mark.netns
 def test_gso_refused_falls_back_to_block_by_block(tmp_path, gso_root):
     """In a namespace whose loopback has a 1500-byte MTU, GSO of 8 KiB blocks
     is refused (EMSGSIZE); the window goes on block by block, fragmented."""
-    why = impaired_link.can_make_namespaces()
-    if why is not None:
-        if os.environ.get('CI') == 'true':
-            pytest.fail('GSO fallback test: %s (CI=true)' % why, pytrace=False)
-        pytest.skip('GSO fallback test: %s' % why)
+    impaired_link.require_namespaces('GSO fallback test')
     namespace = 'atftpdgso%d' % os.getpid()
     impaired_link.run('ip', 'netns', 'add', namespace)
     server = None

@@ -22,7 +22,6 @@ Needs root (namespaces, TUN/veth). Not root: skipped, unless CI=true, then
 it fails.
 """
 
-import os
 import random
 import sys
 import threading
@@ -87,16 +86,6 @@ SCENARIOS = [
      {'blksize': 1428, 'windowsize': 8}),
     ('reference-lockstep-put', 'reference', 'put', 'up-small.src', {}),
 ]
-
-
-def require_namespaces():
-    why = impaired_link.can_make_namespaces()
-    if why is None:
-        return
-    if os.environ.get('CI') == 'true':
-        pytest.fail('impaired-link tests: %s (CI=true, so this is a failure)' % why,
-                    pytrace=False)
-    pytest.skip('impaired-link tests: %s' % why)
 
 
 def make_root(base):
@@ -186,7 +175,7 @@ class Scenario(threading.Thread):
 def impaired_run(tmp_path_factory):
     """Run every scenario at once over one impaired link; tear everything
     down afterwards. Yields {scenario id: Scenario} and the server checks."""
-    require_namespaces()
+    impaired_link.require_namespaces('impaired-link tests')
     for name in ('atftp', 'curl'):
         clients.require(name)
     base = tmp_path_factory.mktemp('netem')
