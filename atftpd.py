@@ -3144,17 +3144,22 @@ def restart_from_bytecode():
     would, and exec()s the interpreter again to import it from there. exec
     keeps the process: its PID, its descriptors (inetd's socket on stdin),
     the interpreter flags given (-O, -X ...). It returns, and the script
-    runs as it is, where the bytecode cannot be cached: a file named
-    otherwise, PYTHONDONTWRITEBYTECODE, or a directory it cannot write."""
+    runs on, where the bytecode cannot be cached (a file named otherwise,
+    PYTHONDONTWRITEBYTECODE, a directory it cannot write) and where Python
+    did not run this file itself: `-m atftpd` runs from bytecode already,
+    and a runner (runpy.run_path, coverage) would be lost in the exec."""
+    from importlib.machinery import SourceFileLoader
+    if __spec__ is not None or not isinstance(__loader__, SourceFileLoader):
+        return
     script = os.path.abspath(sys.argv[0])
     if os.path.basename(script) != 'atftpd.py' or not sys.executable:
         return
     import importlib.util
-    import py_compile
     cache = importlib.util.cache_from_source(script)
     if not bytecode_is_current(cache, script):
         if sys.dont_write_bytecode:
             return
+        import py_compile
         try:
             py_compile.compile(script, doraise=True)
         except (OSError, py_compile.PyCompileError):
@@ -3171,6 +3176,5 @@ def restart_from_bytecode():
 
 
 if __name__ == '__main__':
-    if __spec__ is None:        # a script; `python3 -m atftpd` runs from bytecode already
-        restart_from_bytecode()
+    restart_from_bytecode()
     sys.exit(main())

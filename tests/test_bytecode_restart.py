@@ -150,6 +150,22 @@ def test_module_start_is_not_restarted(program, tftp_root):
         assert server.stop() == 0
 
 
+def test_under_a_runner_it_runs_as_a_script(program, tftp_root, tmp_path):
+    """runpy.run_path (and coverage, and the python3-light launcher of the
+    tests) wrap the script: an exec would leave the wrapper behind."""
+    runner = tmp_path / 'runner.py'
+    runner.write_text('import runpy, sys\nsys.argv = sys.argv[1:]\n'
+                      'runpy.run_path(sys.argv[0], run_name="__main__")\n')
+    argv = [sys.executable, str(runner), str(program)] + serve_args(tftp_root)
+    server = ServerProcess(tftp_root, argv=argv, env=router_env())
+    try:
+        assert cmdline(server.pid) == argv
+        assert not os.path.exists(os.path.dirname(cache_of(program)))
+        assert_serves(server, tftp_root)
+    finally:
+        assert server.stop() == 0
+
+
 def test_unwritable_directory_runs_as_a_script():
     """As nobody, in a root-owned directory: the cache cannot be written."""
     if not IS_ROOT:

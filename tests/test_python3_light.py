@@ -6,6 +6,7 @@ under Debian's /usr/bin/python3 -I when it is installed."""
 
 import ast
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import textwrap
 import pytest
 
 from conftest import SERVER, RawClient
-from light_support import blocker_source, excluded_modules, write_launcher
+from light_support import blocker_source, excluded_modules, write_launcher, write_sitecustomize
 from process_support import argv_servers, user_args  # noqa: F401
 
 
@@ -109,3 +110,34 @@ def test_serves_under_debian_python_isolated(argv_servers, tmp_path, tftp_root):
     if not os.access(DEBIAN_PYTHON, os.X_OK):
         pytest.skip('%s is not installed' % DEBIAN_PYTHON)
     check_light_server(argv_servers, tmp_path, tftp_root, [DEBIAN_PYTHON, '-I'])
+
+
+def test_script_restart_from_bytecode_under_python3_light(argv_servers, tmp_path, tftp_root):
+    """`python3 atftpd.py` compiles itself and exec()s `python3 -c "import
+    atftpd"` (README.md, "Memory"). The compile and the restart need
+    importlib and py_compile: present in python3-light. The blocker comes as a
+    sitecustomize on PYTHONPATH, so that the exec()ed interpreter has it too."""
+    light = tmp_path / 'light'
+    light.mkdir()
+    write_sitecustomize(light)
+    sbin = tmp_path / 'sbin'
+    sbin.mkdir()
+    program = sbin / 'atftpd.py'
+    shutil.copy(SERVER, str(program))
+    env = {k: v for k, v in os.environ.items() if not k.startswith('PYTHON')}
+    env['PYTHONPATH'] = str(light)
+    blocked = subprocess.run([sys.executable, '-c', 'import logging'], env=env,
+                             stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert blocked.returncode != 0 and 'python3-light' in blocked.stderr
+    argv = [sys.executable, str(program), '--daemon', '--no-fork', '--port', '0',
+            '--bind-address', '127.0.0.1', '--logfile', '-', '--content-generator',
+            write_generator(tmp_path)] + user_args() + [str(tftp_root)]
+    server = argv_servers(argv, root=tftp_root, env=env)
+    with open('/proc/%d/cmdline' % server.proc.pid, 'rb') as f:
+        assert f.read().split(b'\0')[1] == b'-c'
+    with RawClient(server.host, server.port) as client:
+        data, _ = client.download('random.bin', options=[('blksize', 1428)])
+        assert data == (tftp_root / 'random.bin').read_bytes()
+        assert client.download('made/up.bin')[0] == b'generated for made/up.bin\n'
+    assert server.stop() == 0, server.log()
+    assert 'python3-light' not in server.log(), server.log()
