@@ -295,6 +295,22 @@ def test_generators_run_as_python3_light_too(emulated, installed):
     server.wait_for_log(r'generator: .*MACLIST_FORMAT=sqlite needs the Python sqlite3 module')
 
 
+def test_script_restarts_from_its_bytecode_in_the_root(emulated, installed, tmp_path):
+    """As a router runs it (bytecode allowed): atftpd.py compiles itself into
+    __pycache__ with the root's python3-light and exec()s `python3 -c "import
+    atftpd"`, still under qemu (README.md, "Memory")."""
+    content = os.urandom(100000)
+    with open(installed.host('srv', 'boot.bin'), 'wb') as f:
+        f.write(content)
+    server = emulated(PYTHONDONTWRITEBYTECODE='')      # empty: bytecode allowed
+    with open('/proc/%d/cmdline' % server.pid, 'rb') as f:
+        argv = f.read().split(b'\0')
+    assert b'-c' in argv and b'import atftpd' in argv[argv.index(b'-c') + 1], argv
+    assert any(name.startswith('atftpd.') and name.endswith('.pyc')
+               for name in os.listdir(installed.host('__pycache__')))
+    assert fetched('atftp', server, 'boot.bin', tmp_path) == content
+
+
 def test_server_stops_cleanly_on_sigterm_while_sending(emulated, installed):
     """SIGTERM through qemu-user reaches the server in the middle of a transfer;
     it says goodbye to the client and exits 0."""
