@@ -3136,26 +3136,43 @@ def bytecode_is_current(cache, source):
             and size == info.st_size & 0xFFFFFFFF)
 
 
+def owned_safely(path):
+    """Only root or this user can have written `path`: bytecode found there
+    may be run (a planted .pyc in a shared directory would run as root)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return info.st_uid in (0, os.geteuid()) and not info.st_mode & 0o022
+
+
 def restart_from_bytecode():
     """`python3 atftpd.py` compiles the whole file at every start, and what
-    the compiler used stays in the heap: 18.6 MiB idle, against 12.4 when
-    the server is imported from cached bytecode (benchmarks/README.md). So a
+    the compiler used stays in the heap: 18.6 MiB idle, against 12.1 when
+    it is imported from cached bytecode (benchmarks/README.md, I). So a
     script start compiles the file into __pycache__ beside it, as an import
     would, and exec()s the interpreter again to import it from there. exec
     keeps the process: its PID, its descriptors (inetd's socket on stdin),
-    the interpreter flags given (-O, -X ...). It returns, and the script
-    runs on, where the bytecode cannot be cached (a file named otherwise,
-    PYTHONDONTWRITEBYTECODE, a directory it cannot write) and where Python
-    did not run this file itself: `-m atftpd` runs from bytecode already,
-    and a runner (runpy.run_path, coverage) would be lost in the exec."""
+    the interpreter flags given (-O, -X ...).
+
+    It returns, and the script runs on, where the bytecode cannot be cached
+    (a file named otherwise, PYTHONDONTWRITEBYTECODE, a directory it cannot
+    write), where others could have written the cache (a directory writable
+    by group or others), and where Python did not run this file itself:
+    `-m atftpd` runs from bytecode already, and a runner (runpy.run_path,
+    coverage) would be lost in the exec."""
     from importlib.machinery import SourceFileLoader
     if __spec__ is not None or not isinstance(__loader__, SourceFileLoader):
         return
     script = os.path.abspath(sys.argv[0])
-    if os.path.basename(script) != 'atftpd.py' or not sys.executable:
+    if (os.path.basename(script) != 'atftpd.py' or not sys.executable
+            or not owned_safely(os.path.dirname(script))):
         return
     import importlib.util
-    cache = importlib.util.cache_from_source(script)
+    try:
+        cache = importlib.util.cache_from_source(script)
+    except NotImplementedError:         # an interpreter without a bytecode cache
+        return
     if not bytecode_is_current(cache, script):
         if sys.dont_write_bytecode:
             return
@@ -3164,6 +3181,8 @@ def restart_from_bytecode():
             py_compile.compile(script, doraise=True)
         except (OSError, py_compile.PyCompileError):
             return
+    if not (owned_safely(os.path.dirname(cache)) and owned_safely(cache)):
+        return
     # The script's path, not only its directory, stays in the command line
     # for ps and pgrep -f.
     boot = ('import os, sys; sys.path.insert(0, os.path.dirname(sys.argv.pop(1))); '

@@ -150,6 +150,35 @@ def test_module_start_is_not_restarted(program, tftp_root):
         assert server.stop() == 0
 
 
+def test_a_directory_others_can_write_is_not_trusted(program, tftp_root):
+    """In /tmp-like directories anyone could plant a .pyc that would run as root."""
+    os.chmod(str(program.parent), 0o1777)
+    server = start(program, tftp_root)
+    try:
+        assert cmdline(server.pid)[:2] == [sys.executable, str(program)]
+        assert not os.path.exists(os.path.dirname(cache_of(program)))
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize('planted', ['cache-owned-by-nobody', 'cache-dir-group-writable'])
+def test_a_cache_others_could_have_written_is_not_used(program, tftp_root, planted):
+    if not IS_ROOT:
+        pytest.skip('needs root to give the cache away')
+    start(program, tftp_root).stop()
+    cache = cache_of(program)
+    if planted == 'cache-owned-by-nobody':
+        os.chown(cache, 65534, 65534)
+    else:
+        os.chmod(os.path.dirname(cache), 0o775)
+    server = start(program, tftp_root)
+    try:
+        assert cmdline(server.pid)[:2] == [sys.executable, str(program)]
+        assert_serves(server, tftp_root)
+    finally:
+        assert server.stop() == 0
+
+
 def test_under_a_runner_it_runs_as_a_script(program, tftp_root, tmp_path):
     """runpy.run_path (and coverage, and the python3-light launcher of the
     tests) wrap the script: an exec would leave the wrapper behind."""
