@@ -1149,10 +1149,11 @@ def report(results, args):
             if int(granted.get('blksize', 512)) != dict(
                     (c[0], c[1]) for c in THROUGHPUT_CONFIGS)[label]:
                 note = ' [blksize %s]' % granted.get('blksize', '512')
-            _, paired = throughput_ratios(row, rows.get(REFERENCE), args.profile['big'])
-            shown = ratio(value, ref)
-            if paired is not None and n != REFERENCE:
-                shown = shown[:-1] + ', paired %.2fx)' % paired
+            of_medians, paired = throughput_ratios(row, rows.get(REFERENCE), args.profile['big'])
+            if n == REFERENCE or paired is None:
+                shown = ratio(value, ref)
+            else:
+                shown = ' (%.2fx, paired %.2fx)' % (of_medians, paired)
             cells.append(fmt(value and value / 1e6) + shown + note +
                          (' **%d failed**' % row['failed'] if row['failed'] else ''))
         add('| %s | %s |' % (label, ' | '.join(cells)))

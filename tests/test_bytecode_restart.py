@@ -68,6 +68,18 @@ def assert_serves(server, tftp_root):
     assert data == (tftp_root / 'random.bin').read_bytes()
 
 
+def assert_runs_as_script(program, tftp_root, cache_written, **kwargs):
+    """Started as start(program, ...) would be, it stays a script, serves, and
+    writes the cache or not."""
+    server = start(program, tftp_root, **kwargs)
+    try:
+        assert cmdline(server.pid)[:2] == [sys.executable, str(program)]
+        assert os.path.exists(os.path.dirname(cache_of(program))) == cache_written
+        assert_serves(server, tftp_root)
+    finally:
+        assert server.stop() == 0, server.log()
+
+
 def test_script_start_runs_from_the_bytecode_it_caches(program, tftp_root):
     server = start(program, tftp_root)
     try:
@@ -110,13 +122,7 @@ def test_interpreter_flags_are_kept(program, tftp_root):
 
 
 def test_no_restart_where_bytecode_is_not_to_be_written(program, tftp_root):
-    server = start(program, tftp_root, env=router_env(PYTHONDONTWRITEBYTECODE='1'))
-    try:
-        assert cmdline(server.pid)[:2] == [sys.executable, str(program)]
-        assert not os.path.exists(os.path.dirname(cache_of(program)))
-        assert_serves(server, tftp_root)
-    finally:
-        assert server.stop() == 0
+    assert_runs_as_script(program, tftp_root, False, env=router_env(PYTHONDONTWRITEBYTECODE='1'))
 
 
 def test_a_current_cache_is_used_even_without_writing(program, tftp_root):
@@ -132,12 +138,7 @@ def test_a_current_cache_is_used_even_without_writing(program, tftp_root):
 def test_a_file_named_otherwise_runs_as_a_script(program, tftp_root):
     renamed = program.with_name('tftpd.py')
     program.rename(renamed)
-    server = start(renamed, tftp_root)
-    try:
-        assert cmdline(server.pid)[:2] == [sys.executable, str(renamed)]
-        assert_serves(server, tftp_root)
-    finally:
-        assert server.stop() == 0
+    assert_runs_as_script(renamed, tftp_root, False)
 
 
 def test_module_start_is_not_restarted(program, tftp_root):
@@ -153,12 +154,7 @@ def test_module_start_is_not_restarted(program, tftp_root):
 def test_a_directory_others_can_write_is_not_trusted(program, tftp_root):
     """In /tmp-like directories anyone could plant a .pyc that would run as root."""
     os.chmod(str(program.parent), 0o1777)
-    server = start(program, tftp_root)
-    try:
-        assert cmdline(server.pid)[:2] == [sys.executable, str(program)]
-        assert not os.path.exists(os.path.dirname(cache_of(program)))
-    finally:
-        assert server.stop() == 0
+    assert_runs_as_script(program, tftp_root, False)
 
 
 @pytest.mark.parametrize('planted', ['cache-owned-by-nobody', 'cache-dir-group-writable'])
@@ -171,12 +167,7 @@ def test_a_cache_others_could_have_written_is_not_used(program, tftp_root, plant
         os.chown(cache, 65534, 65534)
     else:
         os.chmod(os.path.dirname(cache), 0o775)
-    server = start(program, tftp_root)
-    try:
-        assert cmdline(server.pid)[:2] == [sys.executable, str(program)]
-        assert_serves(server, tftp_root)
-    finally:
-        assert server.stop() == 0
+    assert_runs_as_script(program, tftp_root, True)
 
 
 def test_under_a_runner_it_runs_as_a_script(program, tftp_root, tmp_path):
