@@ -3187,10 +3187,11 @@ def restart_from_bytecode():
     # for ps and pgrep -f.
     boot = ('import os, sys; sys.path.insert(0, os.path.dirname(sys.argv.pop(1))); '
             'import atftpd; sys.exit(atftpd.main())')
-    flags = subprocess._args_from_interpreter_flags()     # what multiprocessing uses
     try:
+        # Private, but multiprocessing has used it since Python 3.2.
+        flags = subprocess._args_from_interpreter_flags()
         os.execv(sys.executable, [sys.executable] + flags + ['-c', boot, script] + sys.argv[1:])
-    except OSError:
+    except (AttributeError, OSError):
         return
 
 

@@ -170,6 +170,16 @@ def test_a_cache_others_could_have_written_is_not_used(program, tftp_root, plant
     assert_runs_as_script(program, tftp_root, True)
 
 
+def test_without_the_private_flags_helper_it_runs_as_a_script(program, tftp_root, tmp_path):
+    """subprocess._args_from_interpreter_flags is private: if a Python lacks it,
+    the server starts as a script rather than failing."""
+    site = tmp_path / 'site'
+    site.mkdir()
+    (site / 'sitecustomize.py').write_text(
+        'import subprocess\ndel subprocess._args_from_interpreter_flags\n')
+    assert_runs_as_script(program, tftp_root, True, env=router_env(PYTHONPATH=str(site)))
+
+
 def test_under_a_runner_it_runs_as_a_script(program, tftp_root, tmp_path):
     """runpy.run_path (and coverage, and the python3-light launcher of the
     tests) wrap the script: an exec would leave the wrapper behind."""
