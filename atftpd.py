@@ -837,14 +837,16 @@ class Transfer:
         closed, one log line, the slot freed for a waiting request."""
         if self.state == DONE:
             return
+        self.state = DONE
+        self.outcome = outcome
+        # Files first, then the ERROR: a client that acts on it at once finds
+        # a failed upload's temporary file already gone.
+        self.release()
         if error_code is not None:
             if self.sock is not None:
                 self.send(encode_error(error_code, error_text))
             else:
                 self.server.answer_error(self.peer, error_code, error_text, self.local)
-        self.state = DONE
-        self.outcome = outcome
-        self.release()
         if self.sock is not None:
             self.server.forget_socket(self.sock)
             self.sock.close()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -182,3 +183,29 @@ def inetd_socket():
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(('127.0.0.1', 0))
     return sock
+
+
+def traced_by(pid):
+    with open('/proc/%d/status' % pid) as f:
+        return any(line.startswith('TracerPid:') and line.split()[1] != '0' for line in f)
+
+
+@contextmanager
+def strace_attached(pid, calls, output):
+    """strace -f the running process `pid` for the system calls `calls` (a
+    comma-separated list) into the file `output` while the block runs; the
+    lines are complete when the block ends. Needs root (ptrace rights)."""
+    if shutil.which('strace') is None:
+        pytest.fail('strace is needed (tests/debian-packages.txt)', pytrace=False)
+    tracer = subprocess.Popen(['strace', '-f', '-qq', '-e', 'trace=' + calls, '-o',
+                               str(output), '-p', str(pid)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not traced_by(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert traced_by(pid), 'strace did not attach'
+        yield
+    finally:
+        tracer.terminate()
+        tracer.wait(10)

@@ -19,7 +19,7 @@ import tempfile
 import pytest
 
 from conftest import IS_ROOT, SERVER, RawClient, ServerProcess
-from process_support import inetd_socket, wait_exit
+from process_support import inetd_socket
 
 BOOT_WORDS = ['-c', 'import os, sys; sys.path.insert(0, os.path.dirname(sys.argv.pop(1))); '
               'import atftpd; sys.exit(atftpd.main())']

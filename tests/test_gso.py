@@ -5,16 +5,14 @@ without GSO, and where the kernel refuses (here: a block above the path MTU)
 the server must go on block by block."""
 
 import os
-import shutil
-import subprocess
 import sys
-import time
 
 import pytest
 
 import conftest
 import impaired_link
 from conftest import IS_ROOT, RawClient, ServerProcess
+from process_support import strace_attached
 from wire_helpers import client_for, wait_for_log_count, windowed_get
 
 SIZE = 40 * 1428        # a multiple of 1428 and of 512: the final block is empty
@@ -65,16 +63,6 @@ def test_blocks_too_big_for_a_batch_go_one_by_one(start_server, tftp_root):
     assert 'no GSO' not in server.log()
 
 
-def need_tool(name):
-    if shutil.which(name) is None:
-        pytest.fail('%s is needed (tests/debian-packages.txt)' % name, pytrace=False)
-
-
-def traced_by(pid):
-    with open('/proc/%d/status' % pid) as f:
-        return any(line.startswith('TracerPid:') and line.split()[1] != '0' for line in f)
-
-
 @pytest.mark.parametrize('args, batches, singles', [
     # 41 blocks in one window: the OACK and blocks 1..8 one by one, then one
     # batch of 33 (the last of them the empty final block).
@@ -86,22 +74,11 @@ def test_system_calls_for_one_window(start_server, gso_root, tmp_path, args, bat
     """strace the server during one window of 64 blocks."""
     if not IS_ROOT:
         pytest.skip('strace -p needs root (or ptrace rights) on the server')
-    need_tool('strace')
     server = start_server(*args)
     trace = tmp_path / 'strace.txt'
-    tracer = subprocess.Popen(['strace', '-f', '-qq', '-e', 'trace=sendto,sendmsg', '-o',
-                               str(trace), '-p', str(server.pid)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not traced_by(server.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert traced_by(server.pid), 'strace did not attach'
+    with strace_attached(server.pid, 'sendto,sendmsg', trace):
         with client_for(server) as c:
             data, stats = windowed_get(c, 'gso.bin', 64, 1428)
-    finally:
-        tracer.terminate()
-        tracer.wait(10)
     assert data == (gso_root / 'gso.bin').read_bytes()
     lines = trace.read_text().splitlines()
     assert len([line for line in lines if 'sendmsg(' in line and '= -1' not in line]) == batches

@@ -29,6 +29,7 @@ import pytest
 import clients
 import conftest
 from conftest import IS_ROOT, ServerProcess
+from process_support import strace_attached
 from hostile_support import (OP_ACK, OP_DATA, OP_ERROR, OP_OACK, OP_WRQ, data, fd_targets,
                              part_files_under, request, tree_snapshot, wait_for_fd_baseline,
                              wait_until)
@@ -285,6 +286,32 @@ def test_upload_over_the_file_size_limit_is_refused_cleanly(tftp_root):
         assert server.alive() and 'internal error' not in server.log()
     finally:
         assert server.stop() == 0
+
+
+def test_failed_upload_temporary_file_is_gone_before_the_error_is_sent(tftp_root, tmp_path):
+    """The order of the system calls: a client that acts on ERROR 3 at once
+    (retries, or looks at the directory) never finds the .part file."""
+    if not IS_ROOT:
+        pytest.skip('strace -p needs root (or ptrace rights) on the server')
+    (tftp_root / 'incoming').mkdir()
+    argv = ['prlimit', '--fsize=100000', sys.executable, conftest.SERVER, '--logfile', '-',
+            '--daemon', '--no-fork', '--port', '0', '--bind-address', '127.0.0.1',
+            '--user', 'root.root', '--allow-create', str(tftp_root)]
+    server = ServerProcess(tftp_root, argv=argv)
+    trace = tmp_path / 'strace.txt'
+    try:
+        with strace_attached(server.pid, 'unlink,unlinkat,sendto', trace):
+            with client_for(server) as c:
+                with pytest.raises(TftpError) as info:
+                    lockstep_put(c, 'incoming/new.bin', big_payload(300000, 5))
+            assert info.value.code == 3, info.value
+    finally:
+        assert server.stop() == 0
+    lines = trace.read_text().splitlines()
+    unlinked = [i for i, line in enumerate(lines) if 'unlink' in line and '.part' in line]
+    errors = [i for i, line in enumerate(lines) if 'sendto(' in line and '"\\0\\5' in line]
+    assert unlinked and errors, lines
+    assert unlinked[0] < errors[0], lines
 
 
 # -- duplicates --------------------------------------------------------------------------
