@@ -38,6 +38,6 @@ def test_paired_ratio_pairs_samples_of_the_same_repetition():
     # Results from before repetitions were recorded: samples in order.
     assert run.paired_ratio([3.0, 6.0, 9.0], None, [1.0, 2.0, 3.0], None) == 3.0
     # The machine's speed in a repetition cancels out of its pair. Pairing by
-    # position after the failed repetition would give 0.5 and 50 here.
+    # position after the failed repetition would give 1.1 and 110 here.
     rates, ref = [110.0, 220.0], [100.0, 2.0, 200.0]
     assert run.paired_ratio(rates, [0, 2], ref, [0, 1, 2]) == pytest.approx(1.1)
