@@ -1,6 +1,8 @@
 """Helpers for the process-level and command-line tests (test_cli.py,
-test_process.py, test_python3_light.py). Built on conftest's ServerProcess;
-nothing here mocks the server: every test runs the real atftpd.py."""
+test_process.py, test_python3_light.py), and strace_attached for the tests
+that check a running server's system calls (test_gso.py,
+test_upload_safety.py). Built on conftest's ServerProcess; nothing here
+mocks the server: every test runs the real atftpd.py."""
 
 import os
 import re
