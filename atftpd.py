@@ -3159,10 +3159,10 @@ def restart_from_bytecode():
 
     It returns, and the script runs on, where the bytecode cannot be cached
     (a file named otherwise, PYTHONDONTWRITEBYTECODE, a directory it cannot
-    write), where others could have written the cache (a directory writable
-    by group or others), and where Python did not run this file itself:
-    `-m atftpd` runs from bytecode already, and a runner (runpy.run_path,
-    coverage) would be lost in the exec."""
+    write), where others could have written the cache (a directory or file
+    writable by group or others, or owned by another user), and where Python
+    did not run this file itself: `-m atftpd` runs from bytecode already,
+    and a runner (runpy.run_path, coverage) would be lost in the exec."""
     from importlib.machinery import SourceFileLoader
     if __spec__ is not None or not isinstance(__loader__, SourceFileLoader):
         return
