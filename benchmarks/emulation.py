@@ -8,7 +8,7 @@ In one run, for each target (native: Debian's /usr/bin/python3 on the host;
 mipsel and armel: the root's python3 in the Debian bookworm roots that
 tests/emulation/build-rootfs.sh builds, run in a chroot under qemu-user, with
 the CPU tests/test_emulation.py uses), every module of
-../shared/python3-light-excluded.txt unimportable (the same sitecustomize as
+tests/python3-light-excluded.txt unimportable (the same sitecustomize as
 the tests):
 
   - `python3 -c pass`: wall time, spawn to exit (median of --reps);

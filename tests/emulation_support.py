@@ -12,7 +12,7 @@ and the clients on the host reach it there.
 
 install() copies the code under test into a fresh directory of the root's
 /tmp, with a `sitecustomize.py` that makes every module of
-<project>/../shared/python3-light-excluded.txt unimportable. It is put on
+tests/python3-light-excluded.txt unimportable. It is put on
 PYTHONPATH, so it applies to the server and, through the environment the
 server passes on, to the generators as well: all of them run as on OpenWrt's
 python3-light.

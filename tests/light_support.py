@@ -1,6 +1,7 @@
 """OpenWrt's python3-light, imitated: the modules it lacks made unimportable.
 
-The list is <project>/../shared/python3-light-excluded.txt. BLOCKER is Python
+The list is tests/python3-light-excluded.txt (OpenWrt's python3 package:
+python3-light is python3-base minus the listed modules). BLOCKER is Python
 source that installs a finder refusing those modules; it is the body of a
 sitecustomize.py (put on PYTHONPATH, so generators started by the server get
 it too) or the head of a launcher script (for `python3 -I`, which ignores
@@ -9,7 +10,7 @@ PYTHONPATH)."""
 import os
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXCLUDED_LIST = os.path.join(os.path.dirname(PROJECT), 'shared', 'python3-light-excluded.txt')
+EXCLUDED_LIST = os.path.join(PROJECT, 'tests', 'python3-light-excluded.txt')
 
 BLOCKER = '''\
 """python3-light: the modules OpenWrt's python3-light lacks are unimportable."""
@@ -47,8 +48,8 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 def excluded_modules():
     """The module names of the list; AssertionError when it is missing or empty."""
     if not os.path.isfile(EXCLUDED_LIST):
-        raise AssertionError('the list of modules missing from python3-light is not at %s '
-                             '(shared/ must sit beside the project directory)' % EXCLUDED_LIST)
+        raise AssertionError('the list of modules missing from python3-light is not at %s'
+                             % EXCLUDED_LIST)
     names = []
     with open(EXCLUDED_LIST) as f:
         for line in f:

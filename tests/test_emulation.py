@@ -6,7 +6,7 @@ clone (/var/cache/atftpd-py-tests/rootfs-ARCH) and reuses it when present.
 The server runs in a chroot of it: `chroot ROOT /usr/bin/python3 atftpd.py`,
 the root's own python3, emulated through binfmt_misc. The generators it
 starts run there too, emulated as well. Every module of
-../shared/python3-light-excluded.txt is unimportable in all of them (a
+tests/python3-light-excluded.txt is unimportable in all of them (a
 sitecustomize on PYTHONPATH, see emulation_support.py). Real clients on the
 host (curl, atftp, busybox tftp) fetch over 127.0.0.1: the chroot shares the
 host's network. Every byte is compared.

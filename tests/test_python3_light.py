@@ -1,6 +1,5 @@
 """atftpd.py must run on OpenWrt's python3-light: Python 3.7 syntax, and none
-of the modules listed in shared/python3-light-excluded.txt (kept beside the
-project: <project>/../shared/). Checked statically, then by running the real
+of the modules listed in tests/python3-light-excluded.txt. Checked statically, then by running the real
 server with those modules made unimportable, under this interpreter and
 under Debian's /usr/bin/python3 -I when it is installed."""
 
