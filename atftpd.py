@@ -711,7 +711,7 @@ class Transfer:
 
     __slots__ = ('server', 'sock', 'peer', 'local', 'request', 'path', 'state', 'params',
                  'timeout', 'deadline', 'retries', 'started', 'bytes', 'blocks_resent',
-                 'last_sent', 'outcome', 'quiet')
+                 'last_sent', 'outcome', 'quiet', 'confirmed')
 
     def __init__(self, server, peer, local, request, path):
         self.server = server
@@ -731,6 +731,7 @@ class Transfer:
         self.last_sent = ()
         self.outcome = None
         self.quiet = False
+        self.confirmed = False      # the client has answered our first reply
 
     # -- sending and timing --
 
@@ -779,6 +780,13 @@ class Transfer:
     def on_repeated_request(self):
         """The client sent its request again while this transfer runs."""
         self.server.log.packet('%s: duplicate request ignored', self.client_text())
+
+    def confirm(self):
+        """The client answered: ACK of the OACK or of a block (read), a DATA
+        block (write). From now on a request from its port is a new client."""
+        if not self.confirmed:
+            self.confirmed = True
+            self.server.on_confirmed(self)
 
     def prepare_socket(self, sock):
         """Set socket options before the first send (MTFTP's multicast TTL)."""
@@ -1027,6 +1035,7 @@ class ReadTransfer(Transfer):
             if wire_block == 0:
                 self.state = SENDING
                 self.retries = 0
+                self.confirm()
                 self.send_window(now)
             return
         if self.state != SENDING:
@@ -1043,6 +1052,7 @@ class ReadTransfer(Transfer):
         self.acked = block
         self.retries = 0
         self.restarted = False
+        self.confirm()
         if block == self.final:
             self.finish('sent')
             return
@@ -1140,6 +1150,7 @@ class WriteTransfer(Transfer):
         self.received += 1
         self.retries = 0
         self.gap_acked = False
+        self.confirm()
         if final:
             self.complete(now)
         elif self.received - self.last_acked >= self.params.windowsize:
@@ -2224,6 +2235,7 @@ class Server:
         self.limits = config.limits
         self.selector = selectors.DefaultSelector()
         self.transfers = {}         # client (address, port) -> Transfer
+        self.superseded = {}        # client -> its confirmed Transfer, while a newer one is not
         self.waiting = {}           # client -> (listener, request datagram, local, seen), FIFO
         self.generators = GeneratorPool(self)
         self.multicast = MulticastService(self)
@@ -2288,7 +2300,7 @@ class Server:
     def sweep(self, now):
         """Run every due deadline and find the next one."""
         next_sweep = float('inf')
-        for transfer in list(self.transfers.values()):
+        for transfer in self.all_transfers():
             if transfer.deadline is not None:
                 if transfer.deadline <= now and transfer.state != DONE:
                     self.dispatch(lambda t=transfer: t.on_timeout(now), transfer)
@@ -2303,7 +2315,7 @@ class Server:
             self.next_sweep = deadline
 
     def is_quiet(self):
-        return not self.transfers and not self.waiting and not self.generators.busy()
+        return not self.running() and not self.waiting and not self.generators.busy()
 
     def is_idle(self, now):
         return self.is_quiet() and now - self.last_activity >= self.config.idle_timeout
@@ -2372,16 +2384,49 @@ class Server:
             self.log.info('%s: bad request: %s', format_addr(peer), exc.message)
             self.answer_error(peer, exc.code, exc.message)
             return
-        current = self.transfers.get(peer)
-        if current is not None:
-            if current.request.filename == request.filename and current.state != DONE:
-                current.on_repeated_request()
-                return
-            current.finish('replaced by a new request from the same port')
-        if len(self.transfers) >= self.config.maxthread:
+        if self.is_retransmission(request, peer):
+            return
+        if self.running() >= self.config.maxthread:
             self.queue_request(listener, data, peer, local)
             return
         self.start_transfer(listener, request, peer, local)
+
+    def running(self):
+        return len(self.transfers) + len(self.superseded)
+
+    def all_transfers(self):
+        return list(self.transfers.values()) + list(self.superseded.values())
+
+    def is_retransmission(self, request, peer):
+        """A request from the port of a running transfer. Boot firmware that
+        is reset mid-download (PXELINUX numbers its ports from 49152, GRUB
+        from 25300) asks again from the same port: that is a new client once
+        the old transfer has been answered, and it must be served at once,
+        not fed the old transfer's stale blocks until they time out. Before
+        that answer, the same request is the client's retransmission.
+
+        A request may also be spoofed, so it never ends a confirmed transfer
+        by itself: the new transfer starts beside it, and the old one ends
+        only when the new one is confirmed by an ACK (see on_confirmed). A
+        client that goes on ACKing the old one keeps its download; the new
+        transfer's packets get ERROR 5 from it, or time out."""
+        current = self.transfers.get(peer)
+        if current is None or current.confirmed:
+            return False
+        if (current.request.filename, current.request.opcode) == (request.filename,
+                                                                  request.opcode):
+            current.on_repeated_request()
+            return True
+        current.finish('replaced by a new request from the same port')
+        return False
+
+    def on_confirmed(self, transfer):
+        """Its client answered: a transfer this one superseded is over (the
+        client was reset and asked again). No ERROR: the port is the new one's."""
+        if self.transfers.get(transfer.peer) is transfer:
+            old = self.superseded.pop(transfer.peer, None)
+            if old is not None:
+                old.finish('aborted by client (a new request from its port was answered)')
 
     def queue_request(self, listener, data, peer, local):
         """--maxthread reached: the request waits (FIFO, bounded) for a free
@@ -2409,10 +2454,12 @@ class Server:
         return float('inf')
 
     def start_waiting(self):
-        while self.waiting and len(self.transfers) < self.config.maxthread:
+        while self.waiting and self.running() < self.config.maxthread:
             peer = next(iter(self.waiting))
             listener, data, local, _seen = self.waiting.pop(peer)
-            self.start_transfer(listener, parse_request(data), peer, local)
+            request = parse_request(data)
+            if not self.is_retransmission(request, peer):
+                self.start_transfer(listener, request, peer, local)
 
     def start_transfer(self, listener, request, peer, local):
         now = time.monotonic()
@@ -2433,14 +2480,14 @@ class Server:
         if source is not None and self.multicast.offer(request, peer, local, path, source, now):
             return
         transfer = ReadTransfer(self, peer, local, request, path)
-        self.transfers[peer] = transfer
+        self.add_transfer(transfer)
         if source is not None:
             self.log.info('serving %s to %s', name, client)
             self.dispatch(lambda: transfer.begin(source, now), transfer)
         elif config.generator:
             self.generators.request(transfer, now)
         else:
-            del self.transfers[peer]
+            self.remove_transfer(transfer)
             self.log.info('%s: %s not found', client, name)
             self.stats['failed'] += 1
             self.answer_error(peer, ERR_NOT_FOUND, None, local)
@@ -2478,7 +2525,7 @@ class Server:
             self.answer_error(peer, exc.code, exc.message, local)
             return
         transfer = WriteTransfer(self, peer, local, request, path, mode)
-        self.transfers[peer] = transfer
+        self.add_transfer(transfer)
         self.log.info('receiving %s from %s', name, client)
         self.dispatch(lambda: transfer.begin(time.monotonic()), transfer)
 
@@ -2513,7 +2560,7 @@ class Server:
     def refuse(self, transfer, code, text):
         self.log.notice('%s: %s', transfer.client_text(), text)
         transfer.state = DONE
-        self.transfers.pop(transfer.peer, None)
+        self.remove_transfer(transfer)
         self.answer_error(transfer.peer, code, ERROR_TEXT.get(code), transfer.local)
         self.start_waiting()
 
@@ -2559,10 +2606,27 @@ class Server:
         self.watch(sock, transfer.on_readable, transfer)
         return sock
 
+    def add_transfer(self, transfer):
+        """A confirmed transfer from the same port runs on beside it."""
+        current = self.transfers.get(transfer.peer)
+        if current is not None:
+            self.superseded[transfer.peer] = current
+        self.transfers[transfer.peer] = transfer
+
+    def remove_transfer(self, transfer):
+        """Free its slot; a transfer it superseded is the port's own again."""
+        peer = transfer.peer
+        if self.transfers.get(peer) is transfer:
+            del self.transfers[peer]
+            old = self.superseded.pop(peer, None)
+            if old is not None:
+                self.transfers[peer] = old
+        elif self.superseded.get(peer) is transfer:
+            del self.superseded[peer]
+
     def on_transfer_done(self, transfer):
         self.last_activity = time.monotonic()     # inetd mode: idle from now on
-        if self.transfers.get(transfer.peer) is transfer:
-            del self.transfers[transfer.peer]
+        self.remove_transfer(transfer)
         self.record(transfer)
         self.start_waiting()
 
@@ -2588,7 +2652,7 @@ class Server:
     def shutdown(self):
         """End every transfer with an ERROR to its client, stop generators,
         close everything we opened."""
-        for transfer in list(self.transfers.values()):
+        for transfer in self.all_transfers():
             if transfer.state == DALLYING:
                 transfer.finish('received')     # complete; only waiting for a repeat
             else:
