@@ -381,6 +381,9 @@ class FakeServer:
     def on_transfer_done(self, transfer):
         self.done.append(transfer.outcome)
 
+    def on_confirmed(self, transfer):
+        pass
+
     def answer_error(self, peer, code, message, local=None):
         self.errors.append(code)
 
