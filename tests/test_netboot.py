@@ -18,6 +18,8 @@ the test; with CI=true it fails.
 """
 
 import os
+import re
+import socket
 import shutil
 import subprocess
 import textwrap
@@ -44,6 +46,8 @@ NEEDED = [
 MAC = '52:54:00:12:34:56'
 MARKER = 'generated-for-netboot-guest'
 BOOT_TIMEOUT = 120          # seconds; one boot takes well under 10 s with TCG
+BIG_SIZE = 32 << 20       # bytes; loading it takes PXELINUX several seconds
+RESET_AFTER = 1.0         # seconds into its download
 
 
 def require_packages():
@@ -83,15 +87,25 @@ def inventory(tmp_path):
     return str(path)
 
 
-def boot(port, serial, timeout=BOOT_TIMEOUT):
-    """Boot the guest; return QEMU's exit status and output, or fail after `timeout`."""
-    argv = [QEMU, '-nodefaults', '-machine', 'pc', '-accel', 'tcg', '-m', '256',
-            '-display', 'none', '-monitor', 'none', '-no-reboot', '-boot', 'n',
+def qemu_argv(port, serial, monitor='none'):
+    """With no monitor, -no-reboot: the guest's reboot ends QEMU. With one,
+    the test resets the guest itself, and -no-reboot would end QEMU then."""
+    on_reboot = ['-no-reboot'] if monitor == 'none' else []
+    return [QEMU, '-nodefaults', '-machine', 'pc', '-accel', 'tcg', '-m', '256',
+            '-display', 'none', '-monitor', monitor, '-boot', 'n'] + on_reboot + [
             '-serial', 'file:%s' % serial,
             '-netdev', 'user,id=net0,bootfile=tftp://10.0.2.2:%d/pxelinux.0' % port,
             '-device', 'e1000,netdev=net0,mac=%s,romfile=%s' % (MAC, IPXE_ROM)]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+
+
+def start_qemu(argv):
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, universal_newlines=True)
+
+
+def boot(port, serial, timeout=BOOT_TIMEOUT):
+    """Boot the guest; return QEMU's exit status and output, or fail after `timeout`."""
+    proc = start_qemu(qemu_argv(port, serial))
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -120,3 +134,78 @@ def test_qemu_guest_boots_the_generated_pxelinux_config(start_server, boot_root,
     server.wait_for_log(r'sent pxelinux\.cfg/01-52-54-00-12-34-56 to ')
     server.wait_for_log(r'sent reboot\.c32 to ')
     print('netboot: QEMU ran %.1f s' % seconds)
+
+
+def monitor_command(path, command, timeout=10):
+    """Run one command on QEMU's human monitor (a Unix socket) and return its
+    output. The monitor echoes as it reads, so wait for the next prompt: closing
+    earlier can drop a command that was only half read."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        read_until_prompt(sock)
+        sock.sendall(command.encode() + b'\n')
+        return read_until_prompt(sock)
+
+
+def read_until_prompt(sock):
+    output = b''
+    while not output.endswith(b'(qemu) '):
+        chunk = sock.recv(4096)
+        assert chunk, 'QEMU closed its monitor: %r' % output
+        output += chunk
+    return output.decode('latin-1')
+
+
+def wait_for_socket(path, proc, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None and time.monotonic() < deadline, 'QEMU monitor never appeared'
+        time.sleep(0.1)
+
+
+def test_guest_reset_mid_download_boots_again_and_finishes(start_server, boot_root, inventory,
+                                                           tmp_path):
+    """PXELINUX numbers its UDP ports from a fixed start and asks the same
+    names in the same order on every boot, so after a reset its request for
+    vmlinuz-big comes from the port the interrupted download used. That request
+    must start a new transfer at once (issue 21), not be taken for a
+    retransmission of the old one.
+
+    Seen here (iPXE ROM, then PXELINUX 6.04 through its PXE API, QEMU's user
+    network, which keeps one host port per guest port): iPXE's own request
+    for pxelinux.0 comes from a new port on each boot, and within one boot each
+    PXELINUX request, each retry included, from a new one; but the first
+    request for vmlinuz-big after the reset came from the same host port as
+    the interrupted one (e.g. 127.0.0.1:45617 for both), about 6 s after the
+    reset, while the old transfer was still resending."""
+    big = boot_root / 'vmlinuz-big'
+    big.write_bytes(os.urandom(BIG_SIZE))
+    with open(inventory) as hosts:
+        text = hosts.read()
+    with open(inventory, 'w') as hosts:
+        hosts.write(text.replace('kernel = reboot.c32', 'kernel = vmlinuz-big'))
+    server = start_server('--content-generator', PXELINUX_GENERATOR, '-v7', root=boot_root,
+                          env=dict(os.environ, PXELINUX_HOSTS=inventory))
+    monitor = str(tmp_path / 'monitor.sock')
+    serial = tmp_path / 'serial.log'
+    proc = start_qemu(qemu_argv(server.port, serial, 'unix:%s,server=on,wait=off' % monitor))
+    try:
+        wait_for_socket(monitor, proc)
+        first = server.wait_for_log(r'RRQ vmlinuz-big ', timeout=BOOT_TIMEOUT)
+        client = first.split(': RRQ ')[0].split()[-1]
+        time.sleep(RESET_AFTER)
+        assert not re.search(r'sent vmlinuz-big ', server.log()), \
+            'the download ended before the reset; make vmlinuz-big larger\n' + server.log()
+        monitor_command(monitor, 'system_reset')
+        # Only a request from the interrupted download's own port ends it this way.
+        server.wait_for_log(r'failed sending vmlinuz-big to %s: aborted by client '
+                            r'\(a new request from its port was answered\)' % re.escape(client),
+                            timeout=BOOT_TIMEOUT)
+        done = server.wait_for_log(r'sent vmlinuz-big to %s: ' % re.escape(client),
+                                   timeout=BOOT_TIMEOUT)
+    finally:
+        proc.kill()
+        output, _ = proc.communicate()
+    print(server.log())
+    assert 'bytes in' in done and '%d bytes' % BIG_SIZE in done, server.log()
