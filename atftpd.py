@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
 """atftpd.py: a TFTP server in one file that can generate missing files on demand.
 
 A drop-in replacement for atftpd 0.8 (same command line, same protocol choices

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Start-up time and memory of atftpd.py, native and under qemu-user.
 
     sudo python3 benchmarks/emulation.py                  # native, mipsel, armel

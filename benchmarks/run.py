@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Benchmark atftpd.py against the C servers users would otherwise pick.
 
     sudo python3 benchmarks/run.py            # full run, ~20 minutes on 2 cores

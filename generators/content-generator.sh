@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: GPL-2.0-or-later
 # content-generator.sh: the smallest useful content generator for atftpd.py.
 #
 # Produces: a short greeting for any requested name under "hello/", e.g.

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: GPL-2.0-or-later
 # Build the atftpd-py .ipk for OpenWrt releases that use opkg (24.10 and
 # older), without the OpenWrt SDK:
 #
@@ -22,6 +23,7 @@ makefile_value() {
 name=$(makefile_value PKG_NAME)
 version=$(makefile_value PKG_VERSION)-$(makefile_value PKG_RELEASE)
 maintainer=$(makefile_value PKG_MAINTAINER)
+license=$(makefile_value PKG_LICENSE)
 if [ -z "$name" ] || [ -z "$version" ]; then
 	echo "cannot read $here/Makefile" >&2
 	exit 1
@@ -64,6 +66,7 @@ Conflicts: atftpd
 Section: net
 Architecture: all
 Maintainer: $maintainer
+License: $license
 Description: TFTP server in Python that can generate missing files
  A drop-in for atftpd (same command line, same UCI config) in one Python
  file: RFC 1350, 2347, 2348, 2349 and 7440, IPv4 and IPv6, and a content

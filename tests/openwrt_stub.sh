@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: GPL-2.0-or-later
 # A stand-in for OpenWrt's /etc/rc.common with the procd, UCI and
 # functions.sh calls an init script makes, for tests/test_openwrt.py.
 #

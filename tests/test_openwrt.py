@@ -423,6 +423,7 @@ def test_ipk_control_fields_and_conffiles(ipk):
     assert fields['Conflicts'] == 'atftpd'
     assert fields['Description'] and re.search(r'^Description: .*\n( \S.*\n)+', text, re.M)
     assert fields['Maintainer']
+    assert fields['License'] == 'GPL-2.0-or-later'
     assert (ipk['dir'] / 'control' / 'conffiles').read_text() == '/etc/config/atftpd\n'
     names = set(members(str(ipk['dir'] / 'outer' / 'control.tar.gz')))
     assert names == {'./control', './conffiles', './postinst', './prerm'}

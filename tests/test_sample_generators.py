@@ -97,7 +97,7 @@ def test_help_exits_0_and_names_what_it_reads(generator, words):
 def test_python_generators_are_3_7_executables_with_a_header(generator):
     with open(generator) as f:
         source = f.read()
-    assert source.startswith('#!/usr/bin/env python3\n"""')
+    assert source.startswith('#!/usr/bin/env python3\n# SPDX-License-Identifier: GPL-2.0-or-later\n"""')
     assert os.access(generator, os.X_OK)
     tree = ast.parse(source, filename=generator, feature_version=(3, 7))
     for node in ast.walk(tree):

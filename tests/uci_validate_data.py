@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
 """A stand-in for OpenWrt's /sbin/validate_data and `uci show`, for the
 procd stub (tests/openwrt_stub.sh).
 

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: GPL-2.0-or-later
 # Build, or reuse, a Debian bookworm root filesystem for a foreign CPU, with
 # python3 and its standard library, for tests/test_emulation.py.
 #
