@@ -2877,6 +2877,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             columns = 80
         argparse.RawDescriptionHelpFormatter.__init__(self, prog, width=columns - 2)
 
+    def _format_action_invocation(self, action):
+        # The level is only ever attached (see normalise_verbose); argparse
+        # would print '-v N, --verbose N', which '-v 7' then contradicts.
+        if action.dest == 'verbose':
+            return '-v[N], --verbose[=N]'
+        return argparse.RawDescriptionHelpFormatter._format_action_invocation(self, action)
+
 
 def build_parser():
     parser = argparse.ArgumentParser(
@@ -2895,7 +2902,8 @@ def build_parser():
     opt('-m', '--maxthread', type=positive_int, default=100, metavar='N',
         help='transfers at once (default 100); more requests wait in a queue')
     opt('-v', '--verbose', metavar='N', action='append',
-        help='log level 0-7 as --verbose=N or -vN (default 5); -v alone adds 1')
+        help='log level 0-7 (default 5), attached: -v7 or --verbose=7; -v alone adds 1 '
+             '(so -v 7 is -v and a directory 7, as in atftpd)')
     opt('--trace', action='store_true', help='log every packet sent and received')
     opt('--no-timeout', action='store_true', help='do not acknowledge the timeout option')
     opt('--no-tsize', action='store_true', help='do not acknowledge the tsize option')

@@ -228,6 +228,40 @@ def test_stale_pidfile_is_not_a_running_server(box):
     assert box.script('stop').returncode == 0
 
 
+def test_start_reports_a_server_that_exits_at_once(box):
+    text = box.defaults.read_text().replace('ATFTPD_ARGS="', 'ATFTPD_ARGS="--no-such-option ')
+    box.defaults.write_text(text)
+    start = subprocess.Popen(['busybox', 'sh', S50, 'start'], env=box.env,
+                             stdout=subprocess.PIPE, universal_newlines=True)
+    # The server is our child here (subreaper): reap it as init would.
+    wait_until(lambda: box.pidfile.exists() and box.pidfile.read_text().strip(), 10,
+               'the pidfile')
+    box.reaper.watch(box.pid())
+    out, _ = start.communicate(timeout=30)
+    assert (start.returncode, out) == (1, 'Starting atftpd: FAIL (exited at once; see its log)\n')
+    assert not box.pidfile.exists()
+    assert box.script('status').returncode == 3
+
+
+def test_stop_gives_up_on_a_process_that_never_goes(box):
+    # A zombie: signals reach it and change nothing, and it stays in /proc
+    # until its parent (this test) reaps it.
+    zombie = subprocess.Popen(['true'])
+    try:
+        wait_until(lambda: process_state(zombie.pid) == 'Z', 10, 'the child to be a zombie')
+        box.pidfile.write_text('%d\n' % zombie.pid)
+        result = box.script('stop')
+        assert (result.returncode, result.stdout) == (
+            1, 'Stopping atftpd: FAIL (pid %d still there after SIGKILL)\n' % zombie.pid)
+    finally:
+        zombie.wait()
+
+
+def process_state(pid):
+    with open('/proc/%d/stat' % pid) as f:
+        return f.read().rsplit(')', 1)[1].split()[0]
+
+
 def test_unknown_action_prints_usage(box):
     result = box.script('frobnicate')
     assert result.returncode == 1

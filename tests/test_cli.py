@@ -290,3 +290,13 @@ def test_config_debian_postinst_values(tftp_root):
     assert config.root == str(tftp_root)
     assert config.mcast_addresses[0] == '239.239.239.0' and len(config.mcast_addresses) == 256
     assert (config.mcast_ports, config.mcast_ttl, config.multicast) == ([1758], 1, True)
+
+
+def test_help_shows_the_verbose_level_attached_as_the_parser_takes_it():
+    help_text = run_cli(['--help']).stdout
+    assert re.search(r'^  -v\[N\], --verbose\[=N\] ', help_text, re.M), help_text
+    for form in ('-v7', '--verbose=7'):
+        assert atftpd.config_from_args(atftpd.build_parser(), [form, '/srv']).log_level == 7
+    # Detached, as in atftpd: one level more, and the word is the directory.
+    config = atftpd.config_from_args(atftpd.build_parser(), ['-v', '7'])
+    assert (config.log_level, os.path.basename(config.root)) == (atftpd.LOG_NOTICE + 1, '7')
