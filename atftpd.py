@@ -2802,20 +2802,54 @@ def lookup_identity(user_spec, group_name):
     return entry.pw_uid, gid, entry.pw_name
 
 
-def drop_privileges(config, log):
+def drop_privileges(config):
     """Bind first, then this: as root, switch to --user/--group (atftpd's
     default nobody.nogroup), in daemon and inetd mode alike. Not root: only
-    an explicit --user/--group asks for a switch, and failing it is fatal."""
+    an explicit --user/--group asks for a switch, and failing it is fatal.
+    Returns 'name (uid U, gid G)' when it switched."""
     if os.geteuid() != 0 and not config.user_given:
-        return
+        return None
     uid, gid, name = lookup_identity(config.user, config.group)
     if os.geteuid() == uid and os.getegid() == gid:
-        return
+        return None
     if os.geteuid() == 0:
         os.initgroups(name, gid)
     os.setgid(gid)
     os.setuid(uid)
-    log.info('running as %s (uid %d, gid %d)', name, uid, gid)
+    return '%s (uid %d, gid %d)' % (name, uid, gid)
+
+
+def problem_as_service_user(config):
+    """What the server could not do once it runs as --user: a root under
+    /root, a generator only root may run. Checked at start in a child that
+    switches as the server will (supplementary groups included), so that
+    the start fails with one line instead of every request later."""
+    script = False
+    if config.generator:
+        with open(config.generator, 'rb') as f:
+            script = f.read(2) == b'#!'     # the interpreter must read it too
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(reader)
+        try:
+            identity = drop_privileges(config)
+            problem = check_root(config)
+            generator_access = os.X_OK | (os.R_OK if script else 0)
+            if not problem and config.generator and not os.access(config.generator,
+                                                                  generator_access):
+                problem = 'cannot run the content generator %s' % config.generator
+            if problem and identity:
+                problem = 'as %s: %s' % (identity, problem)
+        except (OSError, ValueError) as exc:
+            problem = 'cannot switch to user %s: %s' % (config.user, exc)
+        os.write(writer, (problem or '').encode('utf-8', 'replace'))
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, 'rb') as f:
+        problem = f.read().decode('utf-8', 'replace')
+    os.waitpid(pid, 0)
+    return problem or None
 
 
 def daemonize():
@@ -3154,31 +3188,35 @@ def main(argv=None):
         if listener is None:
             parser.error('stdin is not a datagram socket: use --daemon, or start from inetd')
         listeners = [listener]
+    problem = problem_as_service_user(config)
+    if problem:
+        log.error('not started: %s', problem)
+        if config.daemon and config.logfile != '-':
+            print('atftpd.py: %s' % problem, file=sys.stderr)
+        return 2
     return run(config, log, listeners)
 
 
 def run(config, log, listeners):
     if config.daemon and not config.no_fork:
         daemonize()
-    identity = None
+    owner = None
     if os.geteuid() == 0 or config.user_given:
         uid, gid, _name = lookup_identity(config.user, config.group)
-        identity = (uid, gid)
+        owner = (uid, gid)
     if config.pidfile:
-        write_pidfile(config.pidfile, identity)
+        write_pidfile(config.pidfile, owner)
     try:
-        drop_privileges(config, log)
+        identity = drop_privileges(config)
     except (OSError, ValueError) as exc:
         log.error('cannot switch to user %s: %s', config.user, exc)
         return 1
+    if identity:
+        log.info('running as %s', identity)
     config.world_readable_only = os.geteuid() == 0 and not config.permissive
     config.allow_write = config.allow_write or config.allow_create
     if config.mtftp_file and config.mtftp_listener is None:
         log.error('--mtftp needs --daemon (as with atftpd); MTFTP is not started')
-    problem = check_root(config)
-    if problem:
-        log.error('after switching user: %s', problem)
-        return 1
     if config.extra_directories:
         log.warning('only the first directory is served; ignored: %s',
                     ' '.join(config.extra_directories))

@@ -4,6 +4,7 @@ switch to an unprivileged user. Every test runs the real atftpd.py."""
 import grp
 import os
 import pwd
+import re
 import signal
 import socket
 import time
@@ -121,8 +122,34 @@ def test_root_unreadable_after_privilege_drop_is_reported(tftp_root):
     server = ServerProcess(tftp_root, user_args=[], wait_ready=False)
     status = wait_exit(server.proc)
     server.reader.join(5)
-    assert status == 1, server.log()
-    assert 'after switching user: directory %s' % tftp_root in server.log()
+    assert status == 2, server.log()
+    assert re.search(r'not started: as nobody \(uid \d+, gid \d+\): directory %s is not '
+                     r'accessible: Permission denied' % re.escape(str(tftp_root)),
+                     server.log()), server.log()
+
+
+def test_forking_daemon_refuses_a_root_nobody_can_read_with_one_line(tftp_root, tmp_path):
+    # The check runs before the fork, so the shell or init script that
+    # started it sees the status and the reason.
+    require_root()
+    args = ['--daemon', '--port', '0', '--bind-address', '127.0.0.1',
+            '--logfile', str(tmp_path / 'log'), str(tftp_root)]
+    result = run_cli(args, timeout=20)
+    assert (result.returncode, result.stdout) == (2, ''), result.stderr
+    assert re.fullmatch(r'atftpd\.py: as nobody \(uid \d+, gid \d+\): directory \S+ is not '
+                        r'accessible: Permission denied\n', result.stderr), result.stderr
+
+
+def test_generator_nobody_cannot_run_is_refused_at_start(public_root, tmp_path):
+    require_root()
+    generator = tmp_path / 'gen'         # inside pytest's 0700 directory
+    generator.write_text('#!/bin/sh\necho hi >&3\n')
+    generator.chmod(0o755)
+    args = daemon_args() + ['--logfile', '-', '--content-generator', str(generator), public_root]
+    result = run_cli(args, timeout=20)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert 'not started: as nobody' in result.stdout
+    assert 'cannot run the content generator %s' % generator in result.stdout
 
 
 ###############################################################################
