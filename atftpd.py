@@ -2952,7 +2952,7 @@ def build_parser():
         help='send each DATA datagram with its own system call, never a UDP GSO batch '
              '(for a kernel or network driver that mishandles GSO)')
     opt('--logfile', metavar='FILE', help="log to FILE ('-' = stdout) instead of syslog")
-    opt('--pidfile', metavar='FILE', help='write the process id to FILE (daemon mode)')
+    opt('--pidfile', metavar='FILE', help='write the process id to FILE')
     opt('--daemon', action='store_true', help='run standalone (default: inetd mode on stdin)')
     opt('--no-fork', action='store_true', help='with --daemon, stay in the foreground')
     opt('--user', metavar='USER[.GROUP]', help='run as this user when started as root '
@@ -2976,7 +2976,7 @@ def build_parser():
     opt('--generator-timeout', type=float, default=10.0, metavar='S',
         help='kill a generator still running after S seconds (default 10)')
     opt('--generator-max-size', type=positive_int, default=16 << 20, metavar='BYTES',
-        help='largest output a generator may write (default 16 MiB)')
+        help='largest output a generator may write (default 16 MiB, 0 = no limit)')
     opt('--generator-max-running', type=positive_int, default=4, metavar='N',
         help='generators running at once (default 4); more requests wait')
     opt('--generator-cache', type=float, default=10.0, metavar='S',
