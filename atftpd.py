@@ -160,6 +160,20 @@ class Log:
         else:
             syslog.openlog('atftpd', syslog.LOG_PID, syslog.LOG_DAEMON)
 
+    def give_to(self, uid):
+        """Started as root, the server reopens its log on SIGHUP as --user:
+        make that user the owner of the log file, so that logrotate's
+        `create` (which copies owner and mode from the rotated file) makes
+        a new file the server can open. Group and mode are kept."""
+        if self.stream is None or self.stream is sys.stdout:
+            return
+        try:
+            if stat.S_ISREG(os.fstat(self.stream.fileno()).st_mode):
+                os.fchown(self.stream.fileno(), uid, -1)
+        except OSError as exc:
+            self.warning('cannot give the log to uid %d (SIGHUP may not reopen it): %s',
+                         uid, exc.strerror)
+
     def close(self):
         if self.stream is not None and self.stream is not sys.stdout:
             self.stream.close()
@@ -3206,6 +3220,8 @@ def run(config, log, listeners):
         owner = (uid, gid)
     if config.pidfile:
         write_pidfile(config.pidfile, owner)
+    if owner and os.geteuid() == 0 and owner[0] != 0:
+        log.give_to(owner[0])
     try:
         identity = drop_privileges(config)
     except (OSError, ValueError) as exc:
