@@ -4,6 +4,7 @@ the .ipk that build-ipk.sh makes, unpacked and its server run for real."""
 
 import os
 import pwd
+import py_compile
 import re
 import shlex
 import stat
@@ -489,3 +490,21 @@ def test_build_ipk_runs_under_dash_too(tmp_path):
     with tarfile.open(result.stdout.strip(), 'r:gz') as tar:
         assert tar.getnames() == ['./debian-binary', './control.tar.gz', './data.tar.gz']
 
+
+
+def test_readme_states_the_flash_footprint(ipk):
+    """openwrt/README.md's figures, within 10% of this build's."""
+    with open(os.path.join(os.path.dirname(BUILD_IPK), 'README.md')) as f:
+        text = f.read()
+    stated = [int(kib) * 1024 for kib in re.findall(r'^\| [^|]+ \| (\d+) KiB \|$', text, re.M)]
+    assert len(stated) == 3, 'the footprint table has three rows'
+    data = ipk['dir'] / 'data'
+    installed = sum(path.stat().st_size for path in data.rglob('*') if path.is_file())
+    measured = [os.path.getsize(ipk['path']), installed]
+    if sys.version_info[:2] == (3, 11):     # the table's bytecode is 3.11's
+        cache = py_compile.compile(str(data / 'usr' / 'sbin' / 'atftpd.py'),
+                                   cfile=str(ipk['dir'] / 'atftpd.pyc'), doraise=True)
+        measured.append(os.path.getsize(cache))
+    for want, got in zip(stated, measured):
+        assert abs(got - want) <= want // 10, 'README says %d KiB, the build has %d KiB' % (
+            want // 1024, got // 1024)
