@@ -1269,7 +1269,7 @@ class Generation:
     """
 
     __slots__ = ('server', 'transfers', 'key', 'env', 'argv', 'proc', 'temp_fd', 'pipe',
-                 'output', 'deadline', 'result', 'started', 'reason')
+                 'output', 'deadline', 'result', 'started', 'reason', 'dropped')
 
     OUTPUT_LOG_LIMIT = 4096
 
@@ -1287,6 +1287,7 @@ class Generation:
         self.result = None          # a FileSource's fd, or None for not found
         self.started = None
         self.reason = ''
+        self.dropped = False        # could not start for want of resources
 
     def start(self, now):
         config = self.server.config
@@ -1399,6 +1400,26 @@ class Generation:
             self.result = None
 
 
+# Bounds of the generator cache (see GeneratorPool.trim). Per client: a PXE
+# boot probes about ten names, the UEFI size probe asks one twice.
+CACHE_PER_CLIENT = 16
+CACHE_ENTRIES = 1024            # "not found" results hold no descriptor
+CACHE_DESCRIPTORS = 64
+CACHE_BYTES = 64 << 20
+# Errors that say the server is short of something, not that a file is missing.
+OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOSPC,
+                    errno.EDQUOT}
+
+
+def oldest_of_heaviest(keys):
+    """The first of `keys` (oldest first) whose client has the most of them."""
+    counts = {}
+    for key in keys:
+        counts[key[0]] = counts.get(key[0], 0) + 1
+    heaviest = max(counts, key=counts.get)
+    return next(key for key in keys if key[0] == heaviest)
+
+
 class GeneratorPool:
     """All generator runs of a server: the ones running, the ones waiting for
     a free slot (--generator-max-running), and the short per-client cache of
@@ -1409,7 +1430,13 @@ class GeneratorPool:
         self.config = server.config
         self.runs = {}              # (client address, path) -> Generation, running or queued
         self.queue = []             # Generations waiting for a free slot, oldest first
-        self.cache = {}             # (client address, path) -> (expiry, fd or None, reason)
+        self.cache = {}             # (client address, path) -> (expiry, fd or None, reason, size)
+        # Descriptors are for transfers first: the cache keeps an eighth.
+        self.cache_descriptors = CACHE_DESCRIPTORS
+        if resource is not None:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if soft != resource.RLIM_INFINITY:
+                self.cache_descriptors = max(1, min(CACHE_DESCRIPTORS, soft // 8))
 
     def busy(self):
         return bool(self.runs)
@@ -1461,6 +1488,15 @@ class GeneratorPool:
         try:
             generation.start(now)
         except OSError as exc:
+            generation.reason = 'cannot run %s: %s' % (self.config.generator, exc.strerror or exc)
+            if exc.errno in OUT_OF_RESOURCES:
+                # Says nothing about the file: "not found" would boot a PXE
+                # host's default config. Drop the request (the client asks
+                # again) and give the cache's descriptors back.
+                self.drop_cache()
+                generation.dropped = True
+            self.end(generation, now, cache=False)
+        except Exception as exc:    # e.g. subprocess's report of a preexec_fn failure
             generation.reason = 'cannot run %s: %s' % (self.config.generator, exc)
             self.end(generation, now, cache=False)
 
@@ -1501,7 +1537,11 @@ class GeneratorPool:
         if cache:
             self.store(generation.key, fd, generation.reason, now)
         for transfer in generation.transfers:
-            if transfer.state == GENERATING:
+            if transfer.state == GENERATING and generation.dropped:
+                transfer.generation = None
+                transfer.finish('dropped, the client may ask again (generator: %s)'
+                                % generation.reason)
+            elif transfer.state == GENERATING:
                 transfer.generation = None
                 self.server.dispatch(lambda t=transfer: self.deliver(t, fd, now, generation.reason),
                                      transfer)
@@ -1521,21 +1561,47 @@ class GeneratorPool:
         transfer.begin(FileSource(own, os.fstat(own).st_size), now)
 
     def store(self, key, fd, reason, now):
-        old = self.cache.pop(key, None)
-        if old is not None and old[1] is not None:
-            os.close(old[1])
-        self.cache[key] = (now + self.config.generator_cache, fd, reason)
+        self.forget(key)
+        size = 0 if fd is None else os.fstat(fd).st_size
+        self.cache[key] = (now + self.config.generator_cache, fd, reason, size)
         self.server.note_deadline(now + self.config.generator_cache)
+        self.trim(key[0])
+
+    def forget(self, key):
+        entry = self.cache.pop(key, None)
+        if entry is not None and entry[1] is not None:
+            os.close(entry[1])
+
+    def trim(self, client):
+        """Hold the cache within its bounds: one client asking distinct names
+        must not take the descriptors, the disk or another host's entries.
+        Over a bound, the client with the most entries loses its oldest
+        (dicts keep insertion order)."""
+        while True:
+            entries = list(self.cache.items())
+            mine = [key for key, _entry in entries if key[0] == client]
+            held = [(key, entry[3]) for key, entry in entries if entry[1] is not None]
+            if len(mine) > CACHE_PER_CLIENT:
+                self.forget(mine[0])
+            elif len(entries) > CACHE_ENTRIES:
+                self.forget(oldest_of_heaviest([key for key, _entry in entries]))
+            elif held and (len(held) > self.cache_descriptors
+                           or sum(size for _key, size in held) > CACHE_BYTES):
+                self.forget(oldest_of_heaviest([key for key, _size in held]))
+            else:
+                return
+
+    def drop_cache(self):
+        for key in list(self.cache):
+            self.forget(key)
 
     def expire_cache(self, now):
         soonest = float('inf')
-        for key, (expiry, fd, _reason) in list(self.cache.items()):
-            if expiry <= now:
-                del self.cache[key]
-                if fd is not None:
-                    os.close(fd)
+        for key, entry in list(self.cache.items()):
+            if entry[0] <= now:
+                self.forget(key)
             else:
-                soonest = min(soonest, expiry)
+                soonest = min(soonest, entry[0])
         return soonest
 
     def close(self):
@@ -1544,10 +1610,7 @@ class GeneratorPool:
             generation.cancel()
         self.runs.clear()
         self.queue = []
-        for _expiry, fd, _reason in self.cache.values():
-            if fd is not None:
-                os.close(fd)
-        self.cache.clear()
+        self.drop_cache()
 
 
 ###############################################################################
@@ -3098,6 +3161,13 @@ def config_from_args(parser, argv):
         if not (os.path.isfile(config.generator) and os.access(config.generator, os.X_OK)):
             parser.error('argument --content-generator: %s is not an executable file'
                          % config.generator)
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1] if resource else -1
+        if config.generator_max_size and hard not in (-1, resource.RLIM_INFINITY) \
+                and hard <= config.generator_max_size:
+            # The child lowers its file size limit to max-size + 1 bytes; it
+            # cannot raise it above the hard limit it inherits.
+            parser.error('argument --generator-max-size: %d is not below the hard file size '
+                         'limit (ulimit -Hf) of %d bytes' % (config.generator_max_size, hard))
     config.generator_tmpdir = os.environ.get('TMPDIR') or '/tmp'    # as tempfile's first choice
     config.substitutions = None
     config.pcre_test = args.pcre_test

@@ -1,0 +1,96 @@
+"""What a generator may cost the server (issue "Hostile network, round 2"):
+the cache of results is bounded per client and in total, a run that cannot
+start for want of descriptors drops the request instead of answering "not
+found", and any start failure frees the request's slot."""
+
+import resource
+import socket
+
+import pytest
+
+from conftest import IS_ROOT, RawClient, TftpError
+from test_generator import fetch, make_generator, wait_for
+
+import atftpd
+
+RRQ_WAIT = 2.0      # a dropped request gets no answer within this
+
+
+def client_from(server, address):
+    """A RawClient whose datagrams come from `address` (any 127/8 is local)."""
+    client = RawClient(server.host, server.port)
+    client.sock.close()
+    client.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.sock.bind((address, 0))
+    return client
+
+
+def fetch_from(server, address, name):
+    with client_from(server, address) as client:
+        return client.download(name)[0]
+
+
+def test_cache_keeps_few_descriptors_and_other_hosts_entries(start_server, tmp_path):
+    generator = make_generator(tmp_path, 'printf "%s %s" "$TFTP_REQUEST" "$$" >&3')
+    server = start_server('--content-generator', generator, '--generator-cache', '60')
+    before = len(server.open_fds())
+    kept = fetch_from(server, '127.0.0.2', 'mine')
+    # One client asking 60 distinct names, then eight clients 16 each.
+    for index in range(60):
+        fetch_from(server, '127.0.0.1', 'flood-%d' % index)
+    # The last transfer may still be closing: wait for the count to settle.
+    held = lambda: len(server.open_fds()) - before      # noqa: E731
+    assert wait_for(lambda: held() <= atftpd.CACHE_PER_CLIENT + 1), held()
+    for host in range(3, 11):
+        for index in range(atftpd.CACHE_PER_CLIENT):
+            fetch_from(server, '127.0.0.%d' % host, 'many-%d' % index)
+    assert wait_for(lambda: held() <= atftpd.CACHE_DESCRIPTORS), held()
+    # The first host's result is still the cached one (same generator pid).
+    assert fetch_from(server, '127.0.0.2', 'mine') == kept
+
+
+def lowest_limit_with_free_slots(fds, free):
+    limit = 1
+    while limit - sum(1 for fd in fds if fd < limit) < free:
+        limit += 1
+    return limit
+
+
+def test_no_descriptor_for_the_generator_drops_the_request_and_recovers(start_server, tmp_path):
+    if not IS_ROOT:
+        pytest.skip('lowering another process limit with prlimit needs root here')
+    generator = make_generator(tmp_path, 'printf generated >&3')
+    server = start_server('--content-generator', generator)
+    assert fetch(server, 'small.txt')[0] == b'hello, tftp\n'
+    original = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
+    # One free descriptor: the run's temporary file, then no pipe for it.
+    limit = lowest_limit_with_free_slots(server.open_fds(), 1)
+    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (limit, original[1]))
+    with RawClient(server.host, server.port) as client:
+        client.rrq('generated.cfg')
+        assert client.nothing_for(RRQ_WAIT), 'a run that could not start was answered'
+        server.wait_for_log(r'failed sending generated\.cfg .*dropped, the client may ask '
+                            r'again \(generator: cannot run .*Too many open files')
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, original)
+        client.rrq('generated.cfg')         # the client's retry, once descriptors are back
+        opcode, block, payload, _ = client.recv()
+        assert (opcode, block, payload) == (atftpd.OP_DATA, 1, b'generated')
+        client.ack(1)
+    assert fetch(server, 'small.txt')[0] == b'hello, tftp\n'
+
+
+def test_start_failures_of_any_kind_free_the_slot(start_server, tmp_path):
+    if not IS_ROOT:
+        pytest.skip('lowering another process hard limit with prlimit needs root here')
+    generator = make_generator(tmp_path, 'printf generated >&3')
+    server = start_server('--content-generator', generator, '--maxthread', '2')
+    # Below --generator-max-size: the child's setrlimit fails, which
+    # subprocess reports as SubprocessError, not OSError.
+    resource.prlimit(server.pid, resource.RLIMIT_FSIZE, (4096, 4096))
+    for index in range(6):
+        with pytest.raises(TftpError) as info:
+            fetch(server, 'cfg-%d' % index)
+        assert info.value.code == atftpd.ERR_NOT_FOUND
+    server.wait_for_log(r'failed sending cfg-5 .*cannot run')
+    assert fetch(server, 'small.txt')[0] == b'hello, tftp\n'
+    assert wait_for(lambda: not server.children())
