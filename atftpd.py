@@ -91,6 +91,13 @@ MIN_TIMEOUT, MAX_TIMEOUT = 1, 255          # RFC 2349
 MIN_WINDOWSIZE, MAX_WINDOWSIZE = 1, 65535  # RFC 7440
 MAX_DATAGRAM = 65536
 RETRIES = 5                     # atftpd's NB_OF_RETRY
+# A client that has never answered may be a forged source: its transfer gets
+# the first reply and one resend, on a timer no longer than --retry-timeout
+# whatever timeout it asked for, so that it cannot hold a slot for long nor
+# turn one datagram into many. Past UNVERIFIED_GRACE seconds such a transfer
+# makes way for a new request when every slot is taken.
+UNVERIFIED_RETRIES = 1
+UNVERIFIED_GRACE = 1.0
 MAX_OPTION_DIGITS = 20          # longer numbers are garbage, not sizes
 # A window is read with one pread and sent as one burst; the kernel queues it
 # and a netascii source keeps it until it is acknowledged. Without a bound, a
@@ -260,7 +267,8 @@ def parse_request(data):
     while both strings are complete; an incomplete trailing pair is ignored,
     because real firmware pads requests (HP PA-RISC sends 516 bytes with
     trailing garbage, Apple OpenFirmware appends junk). Modes other than
-    netascii and mail are served as octet, as atftpd does.
+    netascii and mail are served as octet, as atftpd does; an empty one is
+    refused (a 5-byte request would otherwise buy a whole first block).
     """
     if len(data) < 2:
         raise PacketError(ERR_ILLEGAL_OP, 'Packet too short')
@@ -274,6 +282,8 @@ def parse_request(data):
     if not filename:
         raise PacketError(ERR_ILLEGAL_OP, 'Empty file name')
     mode = fields[1].decode('latin-1').lower()
+    if not mode:
+        raise PacketError(ERR_ILLEGAL_OP, 'Empty mode')
     if mode == 'mail':
         raise PacketError(ERR_ILLEGAL_OP, 'Mail mode not supported')
     if mode != 'netascii':
@@ -769,11 +779,14 @@ class Transfer:
         self.arm(now)
 
     def arm(self, now):
-        self.deadline = now + (self.params.timeout or self.timeout)
+        seconds = self.params.timeout or self.timeout
+        if not self.confirmed:
+            seconds = min(seconds, self.timeout)
+        self.deadline = now + seconds
         self.server.note_deadline(self.deadline)
 
     def on_timeout(self, now):
-        if self.retries >= RETRIES:
+        if self.retries >= (RETRIES if self.confirmed else UNVERIFIED_RETRIES):
             self.on_gave_up()
             return
         self.retries += 1
@@ -790,7 +803,12 @@ class Transfer:
                                reason, datagrams)
 
     def on_gave_up(self):
-        self.finish('timeout', ERR_UNDEFINED, 'Timeout')
+        if self.confirmed:
+            self.finish('timeout', ERR_UNDEFINED, 'Timeout')
+        else:
+            # No ERROR: a forged source gets nothing more, and a real client
+            # that lost both replies asks again and is served.
+            self.finish('timeout (no answer from the client)')
 
     def on_repeated_request(self):
         """The client sent its request again while this transfer runs."""
@@ -816,19 +834,37 @@ class Transfer:
 
     def on_readable(self):
         """Read what is queued on the transfer socket, up to a bound."""
-        for _ in range(self.datagrams_per_wakeup):
+        for index in range(self.datagrams_per_wakeup):
             if self.sock is None:
                 return
             try:
                 data, addr = self.sock.recvfrom(self.recv_size())
             except (BlockingIOError, InterruptedError):
+                if index == 0:
+                    self.on_icmp_errors()       # woken by the error queue alone
                 return
             except OSError:
-                return          # e.g. ECONNREFUSED from an earlier ICMP error
+                self.on_icmp_errors()           # ECONNREFUSED and the like
+                return
             if addr[:2] != self.peer[:2]:
                 self.on_stranger(data, addr)
                 continue
             self.on_datagram(data, time.monotonic())
+
+    def on_icmp_errors(self):
+        """Read the ICMP errors IP_RECVERR queued (unread, they would wake the
+        loop for ever). Port or host unreachable from a client that has never
+        answered ends its transfer at once: a forged source, or a client gone.
+        From a client that answers, an ICMP error is easy to forge and proves
+        nothing; errors about strangers (our ERROR 5 replies) are ignored."""
+        for _ in range(16):
+            try:
+                addr = self.sock.recvmsg(1, 1024, MSG_ERRQUEUE)[3]
+            except OSError:
+                return
+            if not self.confirmed and addr and addr[:2] == self.peer[:2]:
+                self.finish('client unreachable (ICMP error)')
+                return
 
     def on_stranger(self, data, addr):
         """RFC 1350 section 4: answer ERROR 5, leave the transfer alone."""
@@ -2270,6 +2306,21 @@ def plain_peer(addr):
     return addr
 
 
+# Linux values; the socket module names them from Python 3.12 (IP_RECVERR).
+IP_RECVERR, IPV6_RECVERR, MSG_ERRQUEUE = 11, 25, 0x2000
+
+
+def receive_icmp_errors(sock, family):
+    """Ask the kernel to report ICMP errors on an unconnected socket (without
+    this Linux drops them), so a forged or vanished client is noticed at once."""
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+    except OSError:
+        pass                # not Linux: errors are not reported, timers still work
+
+
 class Listener:
     """A bound request socket: port 69 (or --port), or the inetd socket."""
 
@@ -2384,8 +2435,13 @@ class Server:
                     self.dispatch(lambda t=transfer: t.on_timeout(now), transfer)
                 if transfer.state != DONE and transfer.deadline is not None:
                     next_sweep = min(next_sweep, transfer.deadline)
+        while self.waiting and self.running() >= self.config.maxthread \
+                and self.evict_unverified():
+            pass                        # each end starts one waiting request
         next_sweep = min(next_sweep, self.generators.sweep(now), self.expire_waiting(now),
                          self.multicast.sweep(now))
+        if self.waiting:
+            next_sweep = min(next_sweep, now + UNVERIFIED_GRACE)
         self.next_sweep = next_sweep
 
     def note_deadline(self, deadline):
@@ -2465,9 +2521,25 @@ class Server:
         if self.is_retransmission(request, peer):
             return
         if self.running() >= self.config.maxthread:
+            self.evict_unverified()     # the freed slot goes to the oldest waiting request
+        if self.running() >= self.config.maxthread:
             self.queue_request(listener, data, peer, local)
             return
         self.start_transfer(listener, request, peer, local)
+
+    def evict_unverified(self):
+        """Every slot is taken: end the oldest transfer whose client has not
+        answered within UNVERIFIED_GRACE (forged sources never do), so that
+        real clients are not queued behind them. True if a slot was freed."""
+        now = time.monotonic()
+        stale = [t for t in self.all_transfers()
+                 if not t.confirmed and t.sock is not None and now - t.started >= UNVERIFIED_GRACE]
+        if not stale:
+            return False
+        oldest = min(stale, key=lambda t: t.started)
+        oldest.quiet = True
+        oldest.finish('dropped: no answer from the client, slot given to a new request')
+        return True
 
     def running(self):
         return len(self.transfers) + len(self.superseded)
@@ -2671,6 +2743,7 @@ class Server:
         try:
             sock.bind((address, 0, 0, scope) if family == socket.AF_INET6 else (address, 0))
             sock.setblocking(False)
+            receive_icmp_errors(sock, family)
             if self.config.listen_local:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             window_bytes = transfer.params.windowsize * (transfer.params.blksize + 64)

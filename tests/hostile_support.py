@@ -157,7 +157,10 @@ class LogAccount:
             match = self.END.search(line) or self.REFUSED.search(line)
             if match:
                 self.ends[match.group(1)] = self.ends.get(match.group(1), 0) + 1
-                if line.endswith('timeout') or ': timeout;' in line:
+                # Reclaimed by the timer, or (never answered) given up or
+                # made way for a new request.
+                if line.endswith('timeout') or any(word in line for word in (
+                        ': timeout;', ': timeout (no answer', ': dropped: no answer')):
                     self.timeouts += 1
                 continue
             if 'internal error' in line or 'Traceback' in line:

@@ -75,6 +75,8 @@ SCENARIOS = [
      {'blksize': 1428, 'windowsize': 8}),
     ('atftp-window64-blksize1428-get', 'atftp', 'get', 'big.bin',
      {'blksize': 1428, 'windowsize': 64}),
+    ('tftp-hpa-lockstep-get', 'tftp-hpa', 'get', 'lock.bin', {}),
+    ('busybox-blksize1428-get', 'busybox', 'get', 'medium.bin', {'blksize': 1428}),
     ('atftp-lockstep-put', 'atftp', 'put', 'up-small.src', {}),
     ('curl-blksize1428-put', 'curl', 'put', 'up-medium.src', {'blksize': 1428}),
     ('reference-lockstep-get', 'reference', 'get', 'lock.bin', {}),

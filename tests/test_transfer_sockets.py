@@ -111,15 +111,33 @@ def test_finished_transfers_release_their_descriptors(server):
 
 
 def test_transfer_ends_with_error_0_after_retries(start_server):
-    """A client that vanishes: the server resends 5 times, then gives up and
-    frees the transfer (logged as a timeout)."""
+    """A client that vanishes mid-transfer: the server resends 5 times, then
+    gives up and frees the transfer (logged as a timeout)."""
     server = start_server('--retry-timeout', '1')
     with RawClient(server.host, server.port) as client:
         client.rrq('random.bin')
+        client.recv()
+        client.ack(1)
         first = client.recv()
         resent = [client.recv(timeout=5) for _ in range(5)]
         assert all(item[:3] == first[:3] for item in resent)
+        opcode, code, _, _ = client.recv(timeout=5)
+        assert (opcode, code) == (atftpd.OP_ERROR, atftpd.ERR_UNDEFINED)
     server.wait_for_log('failed sending random.bin .*timeout')
+
+
+def test_a_client_that_never_answers_gets_one_resend(start_server):
+    """Until its first ACK the client may be a forged source: one resend,
+    even if it asked for a long timeout (the timer stays --retry-timeout)."""
+    server = start_server('--retry-timeout', '1')
+    with RawClient(server.host, server.port) as client:
+        client.rrq('random.bin', options=[('timeout', '255')])
+        first = client.recv()
+        assert first[0] == atftpd.OP_OACK
+        assert client.recv(timeout=5)[:3] == first[:3]
+        server.wait_for_log(r'failed sending random.bin .*timeout \(no answer from the client\)',
+                            timeout=5)
+        assert client.nothing_for(1.5), 'no ERROR either: a forged source gets two datagrams'
 
 
 def test_ack_with_trailing_bytes_counts_as_an_ack(server, tftp_root):
