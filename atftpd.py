@@ -2592,6 +2592,8 @@ class Server:
             self.note_deadline(now + self.config.retry_timeout * 2)
         else:
             self.log.info('%s: request dropped, queue full', format_addr(peer))
+            return
+        self.note_deadline(now + UNVERIFIED_GRACE)     # a slot may be evicted by then
 
     def expire_waiting(self, now):
         """Forget queued requests whose client has stopped asking."""

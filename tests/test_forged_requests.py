@@ -52,8 +52,11 @@ def test_forged_requests_asking_long_timeouts_do_not_lock_out_a_real_client(star
             sock.sendto(request, (server.host, server.port))
         # Every slot is taken by a source that never answers; a real client
         # (busybox retransmits its request) is served while they sit there.
+        started = time.monotonic()
         result = clients.fetch('busybox', server.host, server.port, 'small.txt',
                                tmp_path / 'small.txt', timeout_s=60)
+        print('\nforged lockout: %d silent sources at --maxthread %d; busybox served in %.1f s'
+              % (FORGED, MAXTHREAD, time.monotonic() - started))
         assert result.returncode == 0, result.stderr
         assert (tmp_path / 'small.txt').read_bytes() == b'hello, tftp\n'
         server.wait_for_log(r'dropped: no answer from the client, slot given to a new request')
