@@ -1477,6 +1477,10 @@ class GeneratorPool:
     def busy(self):
         return bool(self.runs)
 
+    def waiting(self):
+        """Requests waiting for a run's result."""
+        return sum(len(run.transfers) for run in self.runs.values())
+
     def request(self, transfer, now):
         """Find or start the generator run for a missing file. A cached result
         for the same client and name is reused (the UEFI size probe asks
@@ -2542,7 +2546,10 @@ class Server:
         return True
 
     def running(self):
-        return len(self.transfers) + len(self.superseded)
+        """Transfers that hold a slot. One waiting for its generator holds no
+        socket or file yet, so it must not keep static files waiting; those
+        are bounded apart (see start_transfer)."""
+        return len(self.transfers) + len(self.superseded) - self.generators.waiting()
 
     def all_transfers(self):
         return list(self.transfers.values()) + list(self.superseded.values())
@@ -2631,6 +2638,10 @@ class Server:
             return
         if source is not None and self.multicast.offer(request, peer, local, path, source, now):
             return
+        if source is None and config.generator and self.generators.waiting() >= config.maxthread:
+            self.log.info('%s: %s: %d requests wait for the generator, request dropped',
+                          client, name, self.generators.waiting())
+            return                      # the client asks again
         transfer = ReadTransfer(self, peer, local, request, path)
         self.add_transfer(transfer)
         if source is not None:

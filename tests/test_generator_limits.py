@@ -94,3 +94,32 @@ def test_start_failures_of_any_kind_free_the_slot(start_server, tmp_path):
     server.wait_for_log(r'failed sending cfg-5 .*cannot run')
     assert fetch(server, 'small.txt')[0] == b'hello, tftp\n'
     assert wait_for(lambda: not server.children())
+
+
+def test_requests_waiting_for_a_slow_generator_do_not_hold_static_files(start_server, tmp_path):
+    marks = tmp_path / 'order'
+    generator = make_generator(tmp_path, '''
+        printf '%%s\\n' "$TFTP_REQUEST" >> %s
+        sleep 1
+        printf generated >&3
+    ''' % marks)
+    server = start_server('--content-generator', generator, '--maxthread', '4',
+                          '--generator-max-running', '1', '--verbose=6')
+    # As many requests as --maxthread wait for one generator at a time (more
+    # would be dropped for their clients to ask again).
+    waiting = [client_from(server, '127.0.0.%d' % (2 + index)) for index in range(4)]
+    try:
+        for index, client in enumerate(waiting):
+            client.rrq('cfg-%d' % index)
+        # A static file is served before the first of them has its content.
+        assert fetch(server, 'small.txt')[0] == b'hello, tftp\n'
+        assert 'generator for ' not in server.log(), server.log()
+        for client in waiting:
+            opcode, block, payload, _ = client.recv(timeout=20)
+            assert (opcode, block, payload) == (atftpd.OP_DATA, 1, b'generated')
+            client.ack(1)
+    finally:
+        for client in waiting:
+            client.close()
+    # Runs start in the order the requests came.
+    assert marks.read_text().split() == ['cfg-%d' % index for index in range(4)]
