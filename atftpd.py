@@ -1587,7 +1587,8 @@ class GeneratorPool:
                                      transfer)
         if fd is not None and not cache:
             os.close(fd)
-        while self.queue and self.running() < self.config.generator_max_running:
+        while self.queue and self.running() < self.config.generator_max_running \
+                and not self.server.stopping:   # no fork after SIGTERM
             self.start(self.queue.pop(0), now)
 
     def deliver(self, transfer, fd, now, reason):
@@ -2477,10 +2478,12 @@ class Server:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     def on_signal(self):
-        try:
-            data = self.wakeup_r.recv(512)
-        except (BlockingIOError, InterruptedError):
-            return
+        data = b''
+        for _ in range(64):         # a flood of one signal must not hide another
+            try:
+                data += self.wakeup_r.recv(512)
+            except (BlockingIOError, InterruptedError):
+                break
         for signum in set(data):
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self.log.notice('received signal %d, stopping', signum)
@@ -2494,8 +2497,9 @@ class Server:
                 self.reload_substitutions()
             elif signum == signal.SIGUSR1:
                 self.log_stats()
-            elif signum == signal.SIGCHLD:
-                self.generators.poll_all(time.monotonic())
+        # Every wakeup looks at every child: a full wakeup buffer drops
+        # signal numbers, and a lost SIGCHLD would leave a run to its timeout.
+        self.generators.poll_all(time.monotonic())
 
     def log_stats(self):
         s = self.stats
@@ -2510,6 +2514,8 @@ class Server:
 
     def on_listener(self, listener):
         """Read queued requests from a listening socket (bounded per event)."""
+        if self.stopping:
+            return                      # SIGTERM came in this batch: start nothing
         for data, peer, local in listener.requests(self.log):
             self.last_activity = time.monotonic()
             self.on_request(listener, data, peer, local)
@@ -2613,6 +2619,8 @@ class Server:
         return float('inf')
 
     def start_waiting(self):
+        if self.stopping:
+            return                      # ending transfers must not start queued ones
         while self.waiting and self.running() < self.config.maxthread:
             peer = next(iter(self.waiting))
             listener, data, local, _seen = self.waiting.pop(peer)
@@ -2816,6 +2824,8 @@ class Server:
     def shutdown(self):
         """End every transfer with an ERROR to its client, stop generators,
         close everything we opened."""
+        self.stopping = True            # also after an idle exit: start nothing now
+        self.waiting.clear()
         for transfer in self.all_transfers():
             if transfer.state == DALLYING:
                 transfer.finish('received')     # complete; only waiting for a repeat

@@ -113,3 +113,25 @@ def test_empty_mode_is_refused():
         assert (exc.code, exc.message) == (atftpd.ERR_ILLEGAL_OP, 'Empty mode')
     else:
         raise AssertionError('an empty mode was accepted')
+
+
+def test_sigterm_does_not_start_queued_requests(start_server):
+    """Stopping ends the running transfers; the requests queued behind them
+    must not be started on the way out (their clients would get block 1,
+    then silence)."""
+    server = start_server('--maxthread', '1', '--verbose=6')
+    with RawClient(server.host, server.port) as running:
+        running.rrq('random.bin')
+        running.recv()
+        running.ack(1)                      # confirmed: it keeps its slot
+        queued = [client_from(server, '127.0.0.%d' % (2 + index)) for index in range(3)]
+        try:
+            for client in queued:
+                client.rrq('small.txt')
+            server.wait_for_log(r'request queued')
+            assert server.stop() == 0
+            assert all(client.nothing_for(0.5) for client in queued)
+        finally:
+            for client in queued:
+                client.close()
+    assert 'serving small.txt' not in server.log()
