@@ -1013,6 +1013,12 @@ class ReadTransfer(Transfer):
         chunk = self.source.read_at(offset, windowsize * blksize)
         self.bytes = max(self.bytes, offset + len(chunk))
         blocks = len(chunk) // blksize
+        if blocks < windowsize and self.source.size and offset + len(chunk) < self.source.size:
+            # Truncated under us: a short last block would pass for the
+            # whole file (and contradict the tsize we told the client).
+            self.finish('file shrank while being sent (%d of %d bytes)'
+                        % (offset + len(chunk), self.source.size), ERR_UNDEFINED, 'File changed')
+            return
         if blocks < windowsize:
             blocks += 1
             self.final = self.acked + blocks

@@ -1,5 +1,6 @@
 """Where replies come from, and what a transfer costs in memory and descriptors."""
 
+import os
 import struct
 import time
 
@@ -156,3 +157,21 @@ def test_ack_with_trailing_bytes_counts_as_an_ack(server, tftp_root):
             data += payload
             client.ack(block)
     assert data == expected
+
+
+def test_file_truncated_during_a_download_ends_with_an_error(server, tftp_root):
+    """A file cut short under a running transfer must not pass for complete
+    (its last block short, fewer bytes than the tsize the client was told)."""
+    path = tftp_root / 'shrinking.bin'
+    path.write_bytes(b's' * 20000)
+    with RawClient(server.host, server.port) as client:
+        client.rrq('shrinking.bin', options=[('tsize', '0')])
+        assert client.recv()[0] == atftpd.OP_OACK
+        client.ack(0)
+        assert client.recv()[:2] == (atftpd.OP_DATA, 1)
+        os.truncate(str(path), 700)
+        client.ack(1)
+        opcode, code, message, _ = client.recv()
+        assert (opcode, code, message) == (atftpd.OP_ERROR, atftpd.ERR_UNDEFINED, b'File changed\0')
+    server.wait_for_log(r'failed sending shrinking\.bin .*file shrank while being sent '
+                        r'\(700 of 20000 bytes\)')
