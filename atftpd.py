@@ -982,7 +982,9 @@ class ReadTransfer(Transfer):
                                         self.server.limits)
         self.sock = self.server.open_transfer_socket(self)
         if self.sock is None:
-            self.finish('no socket', ERR_UNDEFINED)
+            # No descriptor (EMFILE in a storm): no ERROR, which clients take
+            # as final; unanswered, the client asks again.
+            self.finish('dropped: no socket, the client may ask again')
             return
         self.log_negotiation()
         if self.params.acked:
@@ -1165,7 +1167,9 @@ class WriteTransfer(Transfer):
         self.params = negotiate_options(self.request.options, False, None, self.server.limits)
         self.sock = self.server.open_transfer_socket(self)
         if self.sock is None:
-            self.finish('no socket', ERR_UNDEFINED)
+            # No descriptor (EMFILE in a storm): no ERROR, which clients take
+            # as final; unanswered, the client asks again.
+            self.finish('dropped: no socket, the client may ask again')
             return
         self.log_negotiation()
         self.state = RECEIVING
@@ -2383,6 +2387,7 @@ class Server:
         self.substitutions = config.substitutions
         self.next_sweep = float('inf')
         self.stopping = False
+        self.starting_waiting = False
         self.exit_status = 0
         self.last_activity = time.monotonic()
         self.root_real = os.path.realpath(config.root)
@@ -2625,14 +2630,22 @@ class Server:
         return float('inf')
 
     def start_waiting(self):
-        if self.stopping:
+        """Start queued requests while slots are free. Not re-entered: a
+        transfer that ends at once (no socket) calls back here through
+        on_transfer_done, and the loop already running takes the next one,
+        instead of a recursion as deep as the queue."""
+        if self.stopping or self.starting_waiting:
             return                      # ending transfers must not start queued ones
-        while self.waiting and self.running() < self.config.maxthread:
-            peer = next(iter(self.waiting))
-            listener, data, local, _seen = self.waiting.pop(peer)
-            request = parse_request(data)
-            if not self.is_retransmission(request, peer):
-                self.start_transfer(listener, request, peer, local)
+        self.starting_waiting = True
+        try:
+            while self.waiting and self.running() < self.config.maxthread:
+                peer = next(iter(self.waiting))
+                listener, data, local, _seen = self.waiting.pop(peer)
+                request = parse_request(data)
+                if not self.is_retransmission(request, peer):
+                    self.start_transfer(listener, request, peer, local)
+        finally:
+            self.starting_waiting = False
 
     def start_transfer(self, listener, request, peer, local):
         now = time.monotonic()

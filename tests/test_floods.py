@@ -586,3 +586,93 @@ def test_descriptor_exhaustion_requests_wait_server_survives_and_recovers(tftp_r
             sock.close()
         if server.alive():
             assert server.stop() == 0
+
+
+def test_storm_of_generated_names_under_a_descriptor_limit_has_no_internal_error(tftp_root):
+    """400 clients ask distinct generated names at once, the server at 200
+    descriptors and --maxthread 50: transfers that cannot get a socket or a
+    generator end one by one (no transfer ends another from deep inside its
+    own call stack: that recursed until RecursionError). A client is told
+    "not found" or an ERROR only for a reason about its file; a request
+    that failed for want of descriptors gets no answer, so it asks again."""
+    clients.require('curl')
+    assert raise_fd_limit(1024) >= 600
+    argv = ['prlimit', '--nofile=200:200', sys.executable, conftest.SERVER,
+            '--logfile', '-', '--daemon', '--no-fork', '--port', '0', '--bind-address',
+            '127.0.0.1', '--verbose=6', '--maxthread', '50', '--content-generator', GENERATOR]
+    argv += (['--user', 'root.root'] if IS_ROOT else [])
+    server = ServerProcess(tftp_root, argv=argv + [str(tftp_root)])
+    socks = [udp_socket() for _ in range(400)]
+    replies = {'data': 0, 'error': 0, 'none': 0}
+    try:
+        for index, sock in enumerate(socks):
+            sock.sendto(request(OP_RRQ, b'hello/storm-%d' % index), (server.host, server.port))
+        deadline = time.monotonic() + 30
+        for sock in socks:
+            reply, _tid = recv(sock, max(0.05, deadline - time.monotonic()))
+            kind = 'none' if reply is None else 'data' if reply[:2] == b'\x00\x03' else 'error'
+            replies[kind] += 1
+        account = LogAccount(server.lines)
+        out = tftp_root.parent / 'after.txt'
+        cp = clients.fetch('curl', server.host, server.port, 'hello/after', out, timeout_s=60)
+        print('\nstorm of 400 generated names at 200 fds, --maxthread 50: %s; internal '
+              'errors %d' % (replies, len(account.internal_errors)))
+        assert not account.internal_errors, account.internal_errors[:3]
+        assert replies['error'] == 0, [line for line in server.lines if 'failed' in line][:5]
+        assert cp.returncode == 0 and out.read_bytes().startswith(b'Hello '), cp.stderr
+        assert server.alive()
+    finally:
+        for sock in socks:
+            sock.close()
+        if server.alive():
+            assert server.stop() == 0
+
+
+def test_queue_of_requests_that_end_at_once_is_drained_without_recursion(start_server,
+                                                                         tftp_root, tmp_path):
+    """100 confirmed transfers hold --maxthread and 400 requests wait, each
+    for a name whose "not found" the generator cache already holds, so each
+    ends the moment it starts. Ending one transfer used to start the next
+    from inside its own call stack, 400 deep: RecursionError, and clients
+    told "internal error". Now the queue drains flat, each gets ERROR 1."""
+    assert raise_fd_limit(1024) >= 600
+    generator = tmp_path / 'never'
+    generator.write_text('#!/bin/sh\nexit 1\n')
+    generator.chmod(0o755)
+    server = start_server('--verbose=6', '--retry-timeout', '10', '--content-generator',
+                          str(generator), '--generator-cache', '120')
+    holders, waiting = [], []
+    try:
+        sock = udp_socket()
+        waiting.append(sock)
+        sock.sendto(request(OP_RRQ, b'nothere'), (server.host, server.port))
+        assert recv(sock, 5)[0][:4] == error(1, b'')[:4]        # cached from now on
+        for _ in range(100):
+            sock = udp_socket()
+            sock.sendto(request(OP_RRQ, b'random.bin'), (server.host, server.port))
+            reply, tid = recv(sock, 5)
+            holders.append((sock, tid))
+            assert reply is not None and reply[:4] == data(1, b'')[:4], reply
+            sock.sendto(ack(1), tid)
+        queued = []
+        for _ in range(400):
+            sock = udp_socket()
+            queued.append(sock)
+            sock.sendto(request(OP_RRQ, b'nothere'), (server.host, server.port))
+        waiting += queued
+        assert wait_until(lambda: sum('request queued' in line for line in server.lines)
+                          >= 400, 20)
+        holders[0][0].sendto(error(0, b'done'), holders[0][1])     # one slot frees
+        deadline = time.monotonic() + 20
+        codes = [(recv(sock, max(0.01, deadline - time.monotonic()))[0] or b'????')[:4]
+                 for sock in queued]
+        account = LogAccount(server.lines)
+        print('\nqueue of 400 that end at once: %d ERROR 1, internal errors %d' % (
+            codes.count(error(1, b'')[:4]), len(account.internal_errors)))
+        assert not account.internal_errors, account.internal_errors[:3]
+        assert codes.count(error(1, b'')[:4]) == 400
+        assert server.alive()
+    finally:
+        for sock in [holder for holder, _tid in holders] + waiting:
+            sock.close()
+
