@@ -99,17 +99,14 @@ def sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def generated(generator, name, env):
+def generated(generator, name, env, tmp_path):
     """What a sample generator makes of `name`, run here on the host: the
     guest must be served exactly these bytes."""
-    read_fd, write_fd = os.pipe()
-    with os.fdopen(read_fd, 'rb') as out:
-        proc = subprocess.Popen([os.path.join(PROJECT, 'generators', generator), '--file',
-                                 '/srv/tftp/' + name], env=dict(os.environ, **env),
-                                pass_fds=(write_fd,), preexec_fn=lambda: os.dup2(write_fd, 3))
-        os.close(write_fd)
-        data = out.read()
-    assert proc.wait(30) == 0
+    out = tmp_path / ('generated-' + generator)
+    subprocess.run(['sh', '-c', '"$0" --file "$1" 3>"$2"',
+                    os.path.join(PROJECT, 'generators', generator), '/srv/tftp/' + name, str(out)],
+                   env=dict(os.environ, **env), check=True, timeout=30)
+    data = out.read_bytes()
     assert data
     return data
 
@@ -175,6 +172,9 @@ def boot(image, tmp_path, run_sh):
         status = 'killed after %d s' % BOOT_TIMEOUT
     console = serial.read_bytes().decode('utf-8', 'replace') if serial.exists() else ''
     guest = Guest(console)
+    # What the guest reported and noted, for -rP and for the record.
+    print('\n'.join(line.strip('\r') for line in console.splitlines()
+                    if line.startswith(('@@', '##'))))
     assert status == 0, 'QEMU: %s\n%s\n--- console (tail)\n%s' % (status, output, guest.tail())
     assert guest['run.sh'] == 'exit status 0', guest.tail()
     return guest
@@ -247,7 +247,7 @@ def test_daemon_unit_serves_and_generates_under_its_hardening(image, tmp_path):
     assert guest['small'] == sha256(SMALL), guest.tail()
     assert guest['big'] == sha256(BIG), guest.tail()
     expected = generated('content-generator.sh', 'hello/world',
-                         {'TFTP_CLIENT_ADDR': '127.0.0.1'})
+                         {'TFTP_CLIENT_ADDR': '127.0.0.1'}, tmp_path)
     assert expected == b'Hello 127.0.0.1, you asked for world.\n'
     assert guest['generated'] == sha256(expected), guest.tail()
     assert guest['missing'] == 'none', guest.tail()
@@ -322,7 +322,7 @@ def test_socket_unit_starts_the_inetd_service_on_the_first_request(image, tmp_pa
         NOBODY, 0, CAPS_INETD), guest.tail()
     # A Python generator, its settings from the EnvironmentFile, under the sandbox.
     expected = generated('pxelinux', PXELINUX_NAME,
-                         {'PXELINUX_HOSTS': str(tmp_path / 'disk' / 'hosts.ini')})
+                         {'PXELINUX_HOSTS': str(tmp_path / 'disk' / 'hosts.ini')}, tmp_path)
     assert guest['generated'] == sha256(expected), guest.tail()
     assert guest['big'] == sha256(BIG), guest.tail()
     # Idle: the server exits, the socket stays and starts a new one.

@@ -19,7 +19,8 @@
 # it needs). One unit is added: atftpd-py-test.service, which at boot mounts
 # the second disk (/dev/vdb, made per test), runs its run.sh with output on
 # the serial console (ttyS0), and powers the machine off (QEMU then exits).
-# Nothing of the project is in the image: atftpd.py and the units come on that second disk.
+# Nothing of the project is in the image: atftpd.py and the units come on
+# that second disk.
 #
 # Needs root and the Debian packages debootstrap and e2fsprogs.
 #
