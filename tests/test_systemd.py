@@ -200,9 +200,15 @@ DAEMON_TEST = '''\
     report active "$(systemctl is-active atftpd.py)"
     pid=$(main_pid atftpd.py)
     report identity "$(identity "$pid")"
+    report cmdline "$(tr '\\0' ' ' <"/proc/$pid/cmdline")"
     report small "$(fetch small.txt)"
     report big "$(fetch big.bin)"
     report generated "$(fetch hello/world)"
+    # Restart=on-failure: killed, it is started again.
+    kill -KILL "$pid"
+    wait_for 60 restarted atftpd.py "$pid"
+    report restarted "$(systemctl is-active atftpd.py) $([ "$(main_pid atftpd.py)" != "$pid" ] && echo new-pid)"
+    report after_restart "$(fetch small.txt)"
     report missing "$(fetch no/such/file)"
     report logged "$(journalctl -b -t atftpd -o cat | grep -c '^sent ')"
 
@@ -244,6 +250,10 @@ def test_daemon_unit_serves_and_generates_under_its_hardening(image, tmp_path):
     # Switched to nobody, no capability left, the bounding set the unit gives.
     assert guest['identity'] == 'uid=%s capeff=%016x capbnd=%s nonewprivs=1' % (
         NOBODY, 0, CAPS_DAEMON), guest.tail()
+    # Started from the bytecode install put in /usr/sbin/__pycache__ (python3 -c
+    # "... import atftpd ..." /usr/sbin/atftpd.py ARGS), not compiled again.
+    assert 'import atftpd' in guest['cmdline'], guest.tail()
+    assert ' /usr/sbin/atftpd.py --daemon --no-fork --content-generator ' in guest['cmdline']
     assert guest['small'] == sha256(SMALL), guest.tail()
     assert guest['big'] == sha256(BIG), guest.tail()
     expected = generated('content-generator.sh', 'hello/world',
@@ -251,6 +261,8 @@ def test_daemon_unit_serves_and_generates_under_its_hardening(image, tmp_path):
     assert expected == b'Hello 127.0.0.1, you asked for world.\n'
     assert guest['generated'] == sha256(expected), guest.tail()
     assert guest['missing'] == 'none', guest.tail()
+    assert guest['restarted'] == 'active new-pid', guest.tail()
+    assert guest['after_restart'] == sha256(SMALL), guest.tail()
     assert int(guest['logged']) >= 3, guest.tail()       # syslog reaches the journal
     assert 'No such file' in guest['upload_read_only'], guest.tail()
     assert guest['read_only_logged'] == '1', guest.tail()

@@ -98,8 +98,15 @@ main_pid() {
     systemctl show -p MainPID --value "$1"
 }
 
+# restarted UNIT OLD_PID: UNIT has a main process other than OLD_PID, and
+# port 69 is bound again.
+restarted() {
+    new=$(main_pid "$1")
+    [ "$new" != 0 ] && [ "$new" != "$2" ] && port_69_bound
+}
+
 # The journal of the TFTP units and the server, for the record.
 show_journal() {
-    journalctl --no-pager -b -o short-monotonic 2>&1 | grep -i 'atftpd\|tftp' |
-        grep -v 'atftpd-py-test' | tail -n 80 | note
+    journalctl --no-pager -b -o short-monotonic 2>&1 | sed 's/ atftpd-py-test / /' |
+        grep -i 'atftpd\|tftp' | grep -v 'atftpd-py-test\.service' | tail -n 80 | note
 }
