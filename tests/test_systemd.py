@@ -388,6 +388,25 @@ DEBIAN_TEST = '''\
     report user "$(ps -o user= -p "$pid")"
     report in_tftpd "$(pgrep -x in.tftpd || echo none)"
     systemctl stop atftpd.socket atftpd.service
+    report debian_stop "$?"
+    report debian_after "$(processes)"
+    # The same OPTIONS for the daemon unit (USE_INETD=false): starting it
+    # stops Debian's socket (Conflicts=).
+    install_units
+    mkdir -p /etc/systemd/system/atftpd.py.service.d
+    cp /test/systemd/atftpd.py.service.d/debian-options.conf /etc/systemd/system/atftpd.py.service.d/
+    systemctl daemon-reload
+    systemctl enable --now atftpd.socket
+    systemctl start atftpd.py
+    report daemon_start "$?"
+    report debian_socket "$(systemctl is-active atftpd.socket)"
+    wait_for 60 port_69_bound
+    report daemon_small "$(fetch small.txt)"
+    report daemon_generated "$(fetch hello/daemon)"
+    pid=$(main_pid atftpd.py)
+    report daemon_cmdline "$(tr '\\0' ' ' <"/proc/$pid/cmdline")"
+    report daemon_identity "$(identity "$pid")"
+    systemctl stop atftpd.py
     report stop "$?"
     report after "$(processes)"
     show_journal
@@ -416,6 +435,19 @@ def test_debian_atftpd_units_run_atftpd_py_with_the_debian_options(image, tmp_pa
     assert guest['in_tftpd'] == 'none', guest.tail()
     # DynamicUser=yes stays: a user of its own, not root.
     assert guest['user'] not in ('root', ''), guest.tail()
+    assert guest['debian_stop'] == '0', guest.tail()
+    assert guest['debian_after'] == 'none', guest.tail()
+    # Then atftpd.py.service with debian-options.conf: the daemon, the same OPTIONS.
+    assert guest['daemon_start'] == '0', guest.tail()
+    assert guest['debian_socket'] == 'inactive', guest.tail()
+    assert guest['daemon_small'] == sha256(SMALL), guest.tail()
+    assert guest['daemon_generated'] == sha256(b'Hello 127.0.0.1, you asked for daemon.\n'), \
+        guest.tail()
+    assert ' /usr/sbin/atftpd.py --daemon --no-fork --content-generator ' \
+        '/usr/lib/atftpd.py/content-generator.sh %s ' % DEBIAN_DEFAULT_OPTIONS \
+        in guest['daemon_cmdline'] + ' ', guest.tail()
+    assert guest['daemon_identity'] == 'uid=%s capeff=%016x capbnd=%s nonewprivs=1' % (
+        NOBODY, 0, CAPS_DAEMON), guest.tail()
     assert guest['stop'] == '0', guest.tail()
     assert guest['after'] == 'none', guest.tail()
 
