@@ -503,3 +503,22 @@ def test_sqlite_timeout_and_source_errors(tmp_path):
     assert seconds < BOUND
     assert generate('grub/grub.cfg-01-52-54-00-12-34-56', dict(env, PXE_TIMEOUT='soon')) == (
         1, b'', "pxe: PXE_TIMEOUT: not a number of seconds: 'soon'\n")
+
+
+def test_non_ascii_text_is_the_same_from_every_backend(tmp_path, postgresql):  # noqa: F811
+    title = 'Installation de caf\u00e9 \u2014 \u00fcber'
+    columns = ('mac', 'kernel', 'menu_title')
+    row = ('52:54:00:12:34:56', 'vmlinuz', title)
+    path = tmp_path / 'h.ini'
+    path.write_text('[52:54:00:12:34:56]\nkernel = vmlinuz\nmenu_title = %s\n' % title,
+                    encoding='utf-8')
+    fill_postgresql(postgresql, rows=[row], columns=columns)
+    backends = [{'PXE_SOURCE': str(path)},
+                {'PXE_FORMAT': 'sqlite',
+                 'PXE_SOURCE': make_sqlite(tmp_path / 'h.db', [row], columns)},
+                {'PXE_FORMAT': 'postgresql', 'PXE_SOURCE': postgresql.conninfo,
+                 'LC_ALL': 'C', 'LANG': 'C'}]
+    for name in LOADER_NAMES.values():
+        results = [generate(name, env) for env in backends]
+        assert results[0][0] == 0 and title.encode('utf-8') in results[0][1], results[0]
+        assert results[1] == results[0] and results[2] == results[0], name
