@@ -347,7 +347,7 @@ def test_maclist_hostile_sqlite_rows_never_reach_the_script(tmp_path):
     ({'MACLIST_SOURCE': '/nonexistent/ethers'},
      'maclist: cannot read /nonexistent/ethers: No such file or directory'),
     ({'MACLIST_FORMAT': 'csv'},
-     "maclist: MACLIST_FORMAT must be one of dnsmasq, ethers, sqlite, not 'csv'"),
+     "maclist: MACLIST_FORMAT must be one of dnsmasq, ethers, postgresql, sqlite, not 'csv'"),
     ({'MACLIST_FORMAT': 'sqlite', 'MACLIST_SOURCE': '/nonexistent/hosts.db'},
      'maclist: cannot read /nonexistent/hosts.db: no such database'),
     ({'MACLIST_FILTER': 'nothing-matches'},
