@@ -408,6 +408,9 @@ def test_rows_that_are_not_one_host_are_refused(tmp_path):
                                 "WHERE mac = :mac")
     assert generate('grub/grub.cfg-01-52-54-00-12-34-56', other) == (
         1, b'', 'pxe: 52:54:00:12:34:56: the row has another mac\n')
+    twice = dict(env, PXE_QUERY='SELECT kernel, append AS kernel FROM pxe_hosts WHERE mac = :mac')
+    assert generate('grub/grub.cfg-01-52-54-00-12-34-56', twice) == (
+        1, b'', "pxe: 52:54:00:12:34:56: column 'kernel' twice\n")
     broken = dict(env, PXE_QUERY='SELECT * FROM no_such_table WHERE mac = :mac')
     assert generate('grub/grub.cfg-01-52-54-00-12-34-56', broken) == (
         1, b'', 'pxe: %s: no such table: no_such_table\n' % database)
