@@ -12,9 +12,16 @@ boots reboot.c32; with -no-reboot, QEMU then exits.
 (SYSLINUX 6.04's SAY never reaches the serial port, a MENU TITLE drawn by
 menu.c32 does. menu.c32 reads the config a second time.)
 
+The pxe generator's boots, each proving the guest ran a config that only a
+database row holds: BIOS iPXE runs its per-host script made from SQLite and
+chains PXELINUX, whose config comes from the same row; UEFI (OVMF's own PXE)
+loads GRUB, which reads grub.cfg-01-<mac> made from a real PostgreSQL server.
+
 Needs the Debian packages qemu-system-x86, ipxe-qemu, pxelinux and
-syslinux-common. Root is not needed. Outside CI a missing package skips
-the test; with CI=true it fails.
+syslinux-common; the UEFI boot also ovmf, grub-efi-amd64-bin, grub-common,
+dnsmasq-base, postgresql and root (a tap link in a network namespace). Root
+is not needed otherwise. Outside CI a missing package skips the test; with
+CI=true it fails.
 """
 
 import os
