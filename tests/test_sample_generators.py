@@ -28,9 +28,10 @@ import atftpd
 GENERATORS = os.path.join(PROJECT, 'generators')
 MACLIST = os.path.join(GENERATORS, 'maclist')
 IPTABLES = os.path.join(GENERATORS, 'iptables')
-PXELINUX = os.path.join(GENERATORS, 'pxelinux')
+PXELINUX = os.path.join(GENERATORS, 'pxelinux')     # a link to pxe, its old name
+PXE = os.path.join(GENERATORS, 'pxe')
 SH_EXAMPLE = os.path.join(GENERATORS, 'content-generator.sh')
-PYTHON_GENERATORS = [MACLIST, IPTABLES, PXELINUX]
+PYTHON_GENERATORS = [MACLIST, IPTABLES, PXELINUX, PXE]
 
 
 def require(tool):
@@ -83,6 +84,9 @@ def assert_not_found(server, name):
                'MACLIST_NAME', 'sqlite3', 'python3-sqlite3', 'Example']),
     (IPTABLES, ['IPTABLES_POLICY', 'IPTABLES_NAME', 'TFTP_CLIENT_ADDR', 'Example']),
     (PXELINUX, ['PXELINUX_HOSTS', 'PXELINUX_HEXIP', 'Example']),
+    (PXE, ['PXE_FORMAT', 'PXE_SOURCE', 'PXE_QUERY', 'PXE_TIMEOUT', 'PXE_LOADERS', 'PXE_HEXIP',
+           'PXE_GRUB_DIR', 'PXE_IPXE_DIR', 'grub.cfg-01-', 'sqlite3', 'python3-sqlite3', 'psql',
+           'Example']),
     (SH_EXAMPLE, ['TFTP_CLIENT_ADDR', '--file']),
 ])
 def test_help_exits_0_and_names_what_it_reads(generator, words):
@@ -343,7 +347,7 @@ def test_maclist_hostile_sqlite_rows_never_reach_the_script(tmp_path):
     ({'MACLIST_SOURCE': '/nonexistent/ethers'},
      'maclist: cannot read /nonexistent/ethers: No such file or directory'),
     ({'MACLIST_FORMAT': 'csv'},
-     "maclist: MACLIST_FORMAT must be one of dnsmasq, ethers, sqlite, not 'csv'"),
+     "maclist: MACLIST_FORMAT must be one of dnsmasq, ethers, postgresql, sqlite, not 'csv'"),
     ({'MACLIST_FORMAT': 'sqlite', 'MACLIST_SOURCE': '/nonexistent/hosts.db'},
      'maclist: cannot read /nonexistent/hosts.db: no such database'),
     ({'MACLIST_FILTER': 'nothing-matches'},
@@ -747,7 +751,10 @@ def light_python(tmp_path):
     (IPTABLES, 'firewall/192.0.2.1.rules', lambda tmp: {'IPTABLES_POLICY': tmp['policy']}),
     (PXELINUX, 'pxelinux.cfg/C0000214', lambda tmp: {'PXELINUX_HOSTS': tmp['inventory'],
                                                      'PXELINUX_HEXIP': 'yes'}),
-], ids=['maclist-ethers', 'maclist-dnsmasq', 'iptables', 'pxelinux'])
+    (PXE, 'grub/grub.cfg-C0000214', lambda tmp: {'PXE_SOURCE': tmp['inventory'],
+                                                 'PXE_HEXIP': 'yes'}),
+    (PXE, 'ipxe/52-54-00-ab-cd-ef.ipxe', lambda tmp: {'PXE_SOURCE': tmp['inventory']}),
+], ids=['maclist-ethers', 'maclist-dnsmasq', 'iptables', 'pxelinux', 'pxe-grub', 'pxe-ipxe'])
 def test_runs_on_python3_light(light_python, tmp_path, ethers, policy, inventory,
                                generator, name, env_of):
     leases = tmp_path / 'leases'
@@ -772,7 +779,7 @@ def test_sqlite_source_on_python3_light_says_what_is_missing(light_python, tmp_p
 
 def test_sqlite_is_the_only_optional_module_and_imported_lazily():
     """Statically: no generator imports a module python3-light lacks at the
-    top level; only maclist imports sqlite3, inside a function."""
+    top level; only maclist and pxe (pxelinux) import sqlite3, inside a function."""
     blocked = set(excluded_modules())
     for generator in PYTHON_GENERATORS:
         with open(generator) as f:
@@ -784,4 +791,5 @@ def test_sqlite_is_the_only_optional_module_and_imported_lazily():
                 assert not blocked & set(n.split('.')[0] for n in names), (generator, names)
         nested = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                   for alias in node.names if alias.name in blocked]
-        assert nested == (['sqlite3'] if generator == MACLIST else []), generator
+        assert nested == (['sqlite3'] if generator in (MACLIST, PXELINUX, PXE) else []), \
+            generator
