@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: GPL-2.0-or-later
 # Build, or reuse, a bootable Debian bookworm image with systemd as PID 1,
 # for tests/test_systemd.py.
 #

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 # Shell functions for the test scripts that tests/test_systemd.py runs in its
 # guest (Debian bookworm, systemd as PID 1). Each test writes a run.sh that
 # sources this file from the test disk (/test, read-only). The guest reports
