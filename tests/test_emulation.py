@@ -335,6 +335,6 @@ def test_build_script_is_shellcheck_clean():
                           'build-rootfs.sh')
     if shutil.which('shellcheck') is None:
         pytest.fail('shellcheck is missing (Debian package shellcheck)')
-    result = subprocess.run(['shellcheck', '-s', 'sh', script], stdout=subprocess.PIPE,
+    result = subprocess.run(['shellcheck', '-x', '-s', 'sh', script], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
     assert result.returncode == 0, result.stdout

@@ -462,6 +462,6 @@ def test_scripts_are_shellcheck_clean(tmp_path):
         path = tmp_path / ('run-%s.sh' % name)
         path.write_text(textwrap.dedent(text))
         scripts.append(str(path))
-    result = subprocess.run(['shellcheck', '-s', 'sh'] + scripts, stdout=subprocess.PIPE,
+    result = subprocess.run(['shellcheck', '-x', '-s', 'sh'] + scripts, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, universal_newlines=True, timeout=120)
     assert result.returncode == 0, result.stdout

@@ -47,6 +47,9 @@ missing() {
     exit 2
 }
 
+# shellcheck source=SCRIPTDIR/../build-lib.sh
+. "$(dirname "$0")/../build-lib.sh"
+
 STAMP=$CACHE/stamp
 STAMP_TEXT="atftpd.py systemd test image, version $BUILD_VERSION: $SUITE $PACKAGES"
 
@@ -69,19 +72,6 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_TEXT" ] &&
     exit 0
 fi
 
-mounts_below() {
-    awk -v dir="$1/" 'index($2, dir) == 1 { print $2 }' /proc/mounts | sort -r
-}
-remove_build() {
-    # A killed debootstrap may leave proc, sys or dev mounted below the build:
-    # unmount them (deepest first) and never remove a tree that still has one.
-    mounts_below "$1" | while read -r mnt; do umount -l "$mnt" || true; done
-    if [ -n "$(mounts_below "$1")" ]; then
-        echo "build-image.sh: $1 still has file systems mounted below it; not removed" >&2
-        return 1
-    fi
-    rm -rf "$1"
-}
 # Holding the lock: any other build directory was left by a killed build.
 for stale in "$CACHE"/.build.*; do
     if [ -d "$stale" ]; then
