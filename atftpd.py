@@ -2219,6 +2219,9 @@ class MtftpService:
     def on_request(self, data, peer, local):
         server = self.server
         client = format_addr(peer)
+        if not client_allowed(server.config, peer[0]):
+            server.log.info('mtftp: %s: refused by --allow/--deny', client)
+            return
         try:
             request = parse_request(data)
         except PacketError as exc:
@@ -2388,6 +2391,7 @@ class Server:
         self.next_sweep = float('inf')
         self.stopping = False
         self.starting_waiting = False
+        self.next_port = config.port_range[0] if config.port_range else 0
         self.exit_status = 0
         self.last_activity = time.monotonic()
         self.root_real = os.path.realpath(config.root)
@@ -2533,6 +2537,11 @@ class Server:
 
     def on_request(self, listener, data, peer, local):
         self.stats['requests'] += 1
+        if not client_allowed(self.config, peer[0]):
+            # No answer, as tcp-wrappers in.tftpd: nothing to reflect, nothing told.
+            self.stats['refused'] += 1
+            self.log.info('%s: refused by --allow/--deny', format_addr(peer))
+            return
         try:
             request = parse_request(data)
         except PacketError as exc:
@@ -2781,7 +2790,7 @@ class Server:
             self.log.warning('%s: cannot open a socket: %s', transfer.client_text(), exc)
             return None
         try:
-            sock.bind((address, 0, 0, scope) if family == socket.AF_INET6 else (address, 0))
+            self.bind_transfer_socket(sock, address, scope)
             sock.setblocking(False)
             receive_icmp_errors(sock, family)
             if self.config.listen_local:
@@ -2796,6 +2805,29 @@ class Server:
             return None
         self.watch(sock, transfer.on_readable, transfer)
         return sock
+
+    def bind_transfer_socket(self, sock, address, scope):
+        """Any free port, or with --port-range the next free one in it (in
+        turn, so a port just closed is the last to be reused). Raises
+        OSError(EADDRINUSE) when the whole range is taken."""
+        def bind(port):
+            sock.bind((address, port, 0, scope) if sock.family == socket.AF_INET6
+                      else (address, port))
+        if self.config.port_range is None:
+            bind(0)
+            return
+        low, high = self.config.port_range
+        for _ in range(high - low + 1):
+            port = self.next_port
+            self.next_port = low if port >= high else port + 1
+            try:
+                bind(port)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+        raise OSError(errno.EADDRINUSE, 'every port of --port-range %d:%d is in use'
+                      % (low, high))
 
     def add_transfer(self, transfer):
         """A confirmed transfer from the same port runs on beside it."""
@@ -2891,6 +2923,47 @@ def make_listeners(addresses, port):
     for address in addresses or [None]:
         listeners.append(Listener(bind_request_socket(address, port)))
     return listeners
+
+
+def parse_network(text):
+    """'192.0.2.0/24', '2001:db8::/32' or a single address, as (width,
+    network, mask) integers, or ValueError. inet_pton, not ipaddress: a
+    router has the module, but not the memory to spare for it."""
+    host, slash, bits = text.partition('/')
+    for family, width in ((socket.AF_INET, 32), (socket.AF_INET6, 128)):
+        try:
+            value = int.from_bytes(socket.inet_pton(family, host), 'big')
+        except OSError:
+            continue
+        if not slash:
+            bits = str(width)
+        if not bits.isdigit() or int(bits) > width:
+            raise ValueError('bad prefix length in %s' % text)
+        mask = ((1 << width) - 1) ^ ((1 << (width - int(bits))) - 1)
+        return width, value & mask, mask
+    raise ValueError('not an address or network: %s' % text)
+
+
+def address_value(address):
+    """(width, integer) of a client address; an IPv4-mapped IPv6 address
+    (a dual-stack socket's view of an IPv4 client) counts as IPv4."""
+    host = address.partition('%')[0]
+    if host.startswith('::ffff:') and '.' in host:
+        host = host[7:]
+    family, width = (socket.AF_INET6, 128) if ':' in host else (socket.AF_INET, 32)
+    return width, int.from_bytes(socket.inet_pton(family, host), 'big')
+
+
+def in_networks(address, networks):
+    width, value = address_value(address)
+    return any(w == width and value & mask == network for w, network, mask in networks)
+
+
+def client_allowed(config, address):
+    """--allow (if given) must match, and no --deny may."""
+    if config.allow and not in_networks(address, config.allow):
+        return False
+    return not in_networks(address, config.deny)
 
 
 def numeric_address(address, port=0):
@@ -3155,6 +3228,14 @@ def build_parser():
     opt('--bind-address', action='append', metavar='ADDR',
         help='daemon mode: listen on this IPv4 or IPv6 address (repeatable; '
              "default '::', both families)")
+    opt('--port-range', type=port_range, metavar='LOW:HIGH',
+        help='bind every transfer socket to a port in LOW..HIGH (firewalls, NAT, '
+             'containers); when all are in use, requests get no answer until one frees')
+    opt('--allow', type=network, action='append', default=[], metavar='CIDR',
+        help='serve only clients in this IPv4 or IPv6 network (repeatable)')
+    opt('--deny', type=network, action='append', default=[], metavar='CIDR',
+        help='never serve clients in this network (repeatable; wins over --allow); '
+             'refused requests get no answer')
     opt('--listen-local', action='store_true', help='set SO_BROADCAST on transfer sockets')
     opt('--allow-write', action='store_true', help='accept uploads that replace existing files')
     opt('--allow-create', action='store_true',
@@ -3197,6 +3278,21 @@ def build_parser():
         'makes of them, exit')
     opt('-V', '--version', action='version', version='atftpd.py %s' % __version__)
     return parser
+
+
+def port_range(text):
+    low, colon, high = text.partition(':')
+    if not (colon and low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high) <= 65535):
+        raise argparse.ArgumentTypeError('%r is not LOW:HIGH with 1 <= LOW <= HIGH <= 65535'
+                                         % text)
+    return int(low), int(high)
+
+
+def network(text):
+    try:
+        return parse_network(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
 
 
 def normalise_verbose(argv):
@@ -3266,6 +3362,7 @@ def config_from_args(parser, argv):
                            not args.no_windowsize, args.max_blksize, args.max_windowsize)
     for name in ('daemon', 'no_fork', 'port', 'pidfile', 'logfile', 'trace', 'retry_timeout',
                  'maxthread', 'allow_write', 'allow_create', 'listen_local', 'bind_address',
+                 'port_range', 'allow', 'deny',
                  'generator_timeout', 'generator_max_size', 'generator_max_running',
                  'generator_cache'):
         setattr(config, name, getattr(args, name))
@@ -3336,6 +3433,41 @@ def check_root(config):
     return None
 
 
+TCP_WRAPPER_FILES = ('/etc/hosts.allow', '/etc/hosts.deny')
+TCP_WRAPPER_DAEMONS = {'in.tftpd', 'tftpd', 'atftpd', 'all'}
+
+
+def tcp_wrapper_mentions(paths=TCP_WRAPPER_FILES):
+    """The files among `paths` with a rule for a TFTP daemon (or ALL):
+    Debian's atftpd honours them through libwrap, atftpd.py does not."""
+    found = []
+    for path in paths:
+        try:
+            with open(path, errors='replace') as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            daemons = line.split('#', 1)[0].partition(':')[0].replace(',', ' ').split()
+            if TCP_WRAPPER_DAEMONS.intersection(word.lower() for word in daemons):
+                found.append(path)
+                break
+    return found
+
+
+def start_warnings(config):
+    """What an operator must hear at start, on stderr and in the log."""
+    warnings = []
+    if config.logfile is None and not os.path.exists('/dev/log'):
+        warnings.append('/dev/log is missing: syslog lines are lost (in a container use '
+                        '--logfile -, else --logfile FILE)')
+    if not config.allow and not config.deny:
+        for path in tcp_wrapper_mentions():
+            warnings.append('%s has rules for TFTP, which atftpd.py does not read: use '
+                            '--allow/--deny' % path)
+    return warnings
+
+
 def pcre_test(substitutions, lines, out):
     """--pcre-test: what the pattern file makes of each name, until an
     empty line or the end of input (atftpd's output format)."""
@@ -3387,6 +3519,10 @@ def main(argv=None):
         if listener is None:
             parser.error('stdin is not a datagram socket: use --daemon, or start from inetd')
         listeners = [listener]
+    for warning in start_warnings(config):
+        log.warning('%s', warning)
+        if config.daemon and config.logfile != '-':
+            print('atftpd.py: warning: %s' % warning, file=sys.stderr)
     problem = problem_as_service_user(config)
     if problem:
         log.error('not started: %s', problem)
