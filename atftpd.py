@@ -509,6 +509,55 @@ def resolve_path(root, name):
     return root + '/' + '/'.join(parts)
 
 
+CASE_SCAN_LIMIT = 10000          # directory entries read per component, at most
+
+
+def case_insensitive_path(root, path):
+    """`path` (under `root`, from resolve_path) with each missing component
+    replaced by the one entry of its directory that matches it ignoring
+    case: WDS and some UEFI menus ask \\Boot\\BCD for boot/bcd. None if a
+    component has no match; PacketError if it has several (which file was
+    meant cannot be known) or the directory is too large to scan."""
+    current = root
+    for part in path[len(root) + 1:].split('/'):
+        candidate = current + '/' + part
+        if not os.path.lexists(candidate):
+            try:
+                with os.scandir(current) as entries:
+                    names = [entry.name for entry in itertools.islice(entries, CASE_SCAN_LIMIT + 1)]
+            except OSError:
+                return None
+            if len(names) > CASE_SCAN_LIMIT:
+                raise PacketError(ERR_NOT_FOUND, None, 'too many entries for a case-insensitive '
+                                  'match in %s' % current)
+            matches = [name for name in names if name.lower() == part.lower()]
+            if len(matches) > 1:
+                raise PacketError(ERR_NOT_FOUND, None, 'ambiguous case-insensitive match: %s'
+                                  % ', '.join(sorted(matches)))
+            if not matches:
+                return None
+            candidate = current + '/' + matches[0]
+        current = candidate
+    return current
+
+
+def client_mac(address, arp='/proc/net/arp'):
+    """The MAC address of an IPv4 client on a local link, spelled as dnsmasq
+    does for tftp-unique-root (01-02-03-04-aa-bb), from the ARP table; None
+    if it is not there (IPv6, a routed client, no such table)."""
+    host = address[7:] if address.startswith('::ffff:') else address
+    try:
+        with open(arp) as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 4 and fields[0] == host and fields[2] != '0x0':
+            return fields[3].lower().replace(':', '-')
+    return None
+
+
 def check_inside_root(root_real, path):
     """Refuse a path whose symlinks lead out of the root (ERROR 2). Links that
     stay inside the root are followed."""
@@ -2666,7 +2715,7 @@ class Server:
             if request.opcode == OP_WRQ:
                 self.start_write(listener, request, peer, local, path)
                 return
-            path, source = self.open_for_read(request.filename, path, client)
+            path, source = self.open_for_read(request.filename, path, peer)
         except PacketError as exc:
             self.log.notice('%s: refused %s: %s', client, name, exc.reason)
             self.stats['refused'] += 1
@@ -2691,9 +2740,16 @@ class Server:
             self.stats['failed'] += 1
             self.answer_error(peer, ERR_NOT_FOUND, None, local)
 
-    def open_for_read(self, name, path, client):
-        """(path, FileSource or None): the file, or else the one --pcre names."""
-        source = open_source(path, self.root_real, self.config.world_readable_only)
+    def open_for_read(self, name, path, peer):
+        """(path, FileSource or None): the file in the client's own root
+        (--unique-root), else in the root, else the one --pcre names."""
+        client = format_addr(peer)
+        own = self.unique_root(peer)
+        if own is not None:
+            own_path, source = self.open_in(own, resolve_path(own, name))
+            if source is not None:
+                return own_path, source
+        path, source = self.open_in(self.config.root, path)
         if source is None and self.substitutions is not None:
             new_name = self.substitutions.apply(name)
             if new_name is not None:
@@ -2701,6 +2757,30 @@ class Server:
                 path = resolve_path(self.config.root, new_name)
                 source = open_source(path, self.root_real, self.config.world_readable_only)
         return path, source
+
+    def open_in(self, root, path):
+        """(path, FileSource or None) for `path` under `root`, matched
+        ignoring case if --case-insensitive and the exact name is missing."""
+        source = open_source(path, self.root_real, self.config.world_readable_only)
+        if source is None and self.config.case_insensitive:
+            found = case_insensitive_path(root, path)
+            if found is not None:
+                path = found
+                source = open_source(path, self.root_real, self.config.world_readable_only)
+        return path, source
+
+    def unique_root(self, peer):
+        """<root>/<client ip> or <root>/<client mac>, if that directory exists."""
+        if self.config.unique_root is None:
+            return None
+        address = peer[0].partition('%')[0]
+        if address.startswith('::ffff:') and '.' in address:
+            address = address[7:]
+        key = address if self.config.unique_root == 'ip' else client_mac(address)
+        if not key:
+            return None
+        directory = self.config.root + '/' + key
+        return directory if os.path.isdir(directory) else None
 
     def reload_substitutions(self):
         """SIGHUP: read the --pcre file again; keep the old rules if it is bad."""
@@ -3231,6 +3311,12 @@ def build_parser():
     opt('--port-range', type=port_range, metavar='LOW:HIGH',
         help='bind every transfer socket to a port in LOW..HIGH (firewalls, NAT, '
              'containers); when all are in use, requests get no answer until one frees')
+    opt('--unique-root', choices=('ip', 'mac'), metavar='ip|mac',
+        help='look a file up in <root>/<client IP> (or <client MAC>, 01-02-03-04-aa-bb, '
+             'from the ARP table) first, if that directory exists, then in the root')
+    opt('--case-insensitive', action='store_true',
+        help='when a name is missing, serve the one file that matches it ignoring case, '
+             'component by component (ambiguous matches are refused)')
     opt('--allow', type=network, action='append', default=[], metavar='CIDR',
         help='serve only clients in this IPv4 or IPv6 network (repeatable)')
     opt('--deny', type=network, action='append', default=[], metavar='CIDR',
@@ -3362,7 +3448,7 @@ def config_from_args(parser, argv):
                            not args.no_windowsize, args.max_blksize, args.max_windowsize)
     for name in ('daemon', 'no_fork', 'port', 'pidfile', 'logfile', 'trace', 'retry_timeout',
                  'maxthread', 'allow_write', 'allow_create', 'listen_local', 'bind_address',
-                 'port_range', 'allow', 'deny',
+                 'port_range', 'allow', 'deny', 'unique_root', 'case_insensitive',
                  'generator_timeout', 'generator_max_size', 'generator_max_running',
                  'generator_cache'):
         setattr(config, name, getattr(args, name))

@@ -11,7 +11,8 @@ import pytest
 import clients
 from conftest import SERVER, RawClient
 from process_support import run_cli
-from test_generator_limits import client_from
+from netns_support import SERVER_IP, make_lan  # noqa: F401 (fixture)
+from test_generator_limits import client_from, fetch_from
 
 import atftpd
 
@@ -132,3 +133,74 @@ def test_missing_dev_log_is_said_at_start(tmp_path):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+# -- per-client root and case-insensitive names --------------------------------------
+
+def test_unique_root_by_ip_serves_the_clients_own_file_first(start_server, tftp_root):
+    own = tftp_root / '127.0.0.2'
+    own.mkdir()
+    (own / 'small.txt').write_bytes(b'only for 127.0.0.2\n')
+    server = start_server('--unique-root', 'ip')
+    assert fetch_from(server, '127.0.0.2', 'small.txt') == b'only for 127.0.0.2\n'
+    assert fetch_from(server, '127.0.0.1', 'small.txt') == b'hello, tftp\n'
+    # Not in its own root: the shared one.
+    assert fetch_from(server, '127.0.0.2', 'random.bin') == (tftp_root / 'random.bin').read_bytes()
+    with client_from(server, '127.0.0.2') as client:        # confinement per root
+        client.rrq('../small.txt')
+        assert client.recv()[:2] == (atftpd.OP_ERROR, atftpd.ERR_ACCESS)
+
+
+def test_client_mac_is_read_from_the_arp_table_as_dnsmasq_spells_it(tmp_path):
+    arp = tmp_path / 'arp'
+    arp.write_text('IP address       HW type     Flags       HW address            Mask     Device\n'
+                   '10.0.0.5         0x1         0x2         52:54:00:AB:cd:01     *        eth0\n'
+                   '10.0.0.6         0x1         0x0         00:00:00:00:00:00     *        eth0\n')
+    assert atftpd.client_mac('10.0.0.5', str(arp)) == '52-54-00-ab-cd-01'
+    assert atftpd.client_mac('::ffff:10.0.0.5', str(arp)) == '52-54-00-ab-cd-01'
+    assert atftpd.client_mac('10.0.0.6', str(arp)) is None      # incomplete entry
+    assert atftpd.client_mac('fe80::1', str(arp)) is None
+
+
+@pytest.mark.netns
+def test_unique_root_by_mac_on_a_real_link(make_lan, start_server, tftp_root):
+    lan = make_lan(1)
+    mac = subprocess.run(lan.exec_argv(lan.clients[0], ['cat', '/sys/class/net/eth0/address']),
+                         stdout=subprocess.PIPE, universal_newlines=True, timeout=10,
+                         check=True).stdout.strip().replace(':', '-')
+    own = tftp_root / mac
+    own.mkdir()
+    (own / 'small.txt').write_bytes(b'for this MAC\n')
+    server = start_server(argv=lan.exec_argv(lan.server, [
+        sys.executable, SERVER, '--daemon', '--no-fork', '--port', '69', '--bind-address',
+        SERVER_IP, '--user', 'root.root', '--logfile', '-', '--unique-root', 'mac',
+        str(tftp_root)]))
+    client = RawClient.__new__(RawClient)        # its socket lives in the client namespace
+    client.sock, client.server, client.timeout, client.peer = (
+        lan.socket_in(lan.clients[0]), (SERVER_IP, 69), 10.0, None)
+    with client:
+        assert client.download('small.txt')[0] == b'for this MAC\n'
+
+
+def test_case_insensitive_names(start_server, tftp_root):
+    (tftp_root / 'Boot').mkdir()
+    (tftp_root / 'Boot' / 'BCD').write_bytes(b'boot configuration data\n')
+    (tftp_root / 'twice').mkdir()
+    (tftp_root / 'twice' / 'File').write_bytes(b'one\n')
+    (tftp_root / 'twice' / 'FILE').write_bytes(b'two\n')
+    server = start_server('--case-insensitive')
+    with RawClient(server.host, server.port) as client:
+        assert client.download('\\boot\\bcd')[0] == b'boot configuration data\n'
+    with RawClient(server.host, server.port) as client:
+        assert client.download('twice/File')[0] == b'one\n'       # the exact name first
+    with RawClient(server.host, server.port) as client:
+        client.rrq('twice/file')
+        assert client.recv()[:2] == (atftpd.OP_ERROR, atftpd.ERR_NOT_FOUND)
+    server.wait_for_log(r'ambiguous case-insensitive match: FILE, File')
+    with RawClient(server.host, server.port) as client:
+        client.rrq('BOOT/../small.txt')
+        assert client.recv()[:2] == (atftpd.OP_ERROR, atftpd.ERR_ACCESS)
+    plain = start_server()
+    with RawClient(plain.host, plain.port) as client:
+        client.rrq('boot/bcd')
+        assert client.recv()[:2] == (atftpd.OP_ERROR, atftpd.ERR_NOT_FOUND)
