@@ -1009,7 +1009,8 @@ class ReadTransfer(Transfer):
     once, but only once until the client makes progress again, so a stream of
     duplicated ACKs cannot multiply the traffic."""
 
-    __slots__ = ('source', 'in_flight', 'acked', 'final', 'generation', 'restarted', 'gso')
+    __slots__ = ('source', 'in_flight', 'acked', 'final', 'generation', 'restarted', 'gso',
+                 'generated')
     datagrams_per_wakeup = 1
 
     def __init__(self, server, peer, local, request, path):
@@ -1021,6 +1022,7 @@ class ReadTransfer(Transfer):
         self.generation = None
         self.restarted = False      # the window was resent on a repeated ACK
         self.gso = server.config.gso    # until the kernel refuses a GSO send
+        self.generated = False      # the content came from the generator
 
     def begin(self, source, now):
         """Content is ready: negotiate options, send the OACK or block 1."""
@@ -1173,6 +1175,9 @@ class ReadTransfer(Transfer):
             self.finish('sent (final ACK not received)')
         else:
             Transfer.on_gave_up(self)
+
+    def summary(self):
+        return Transfer.summary(self) + (', generated' if self.generated else '')
 
     def release(self):
         if self.source is not None:
@@ -1577,6 +1582,7 @@ class GeneratorPool:
             'TFTP_ROOT': self.config.root,
             'TFTP_MODE': transfer.request.mode,
             'TFTP_OPTIONS': ' '.join('%s=%s' % pair for pair in transfer.request.options),
+            'TFTP_CLIENT_MAC': (client_mac(transfer.peer[0]) or '').replace('-', ':'),
         })
         return env
 
@@ -1654,10 +1660,12 @@ class GeneratorPool:
         if fd is None:
             # "Not mine" (exit 1, or nothing written) is routine: PXELINUX
             # probes ten names per boot. Anything else is worth a notice.
-            transfer.quiet = reason.split(',')[0] in ('exit status 1', 'no output')
+            transfer.quiet = self.config.quiet_misses and \
+                reason.split(',')[0] in ('exit status 1', 'no output')
             transfer.finish('not found (generator: %s)' % reason, ERR_NOT_FOUND)
             return
         own = os.dup(fd)
+        transfer.generated = True
         transfer.begin(FileSource(own, os.fstat(own).st_size), now)
 
     def store(self, key, fd, reason, now):
@@ -2421,6 +2429,18 @@ class Listener:
             yield data, plain_peer(addr), local_address(ancdata, self.address)
 
 
+STATS_HELP = (
+    ('requests', 'Requests received.'),
+    ('sent', 'Files sent whole.'),
+    ('received', 'Files received whole.'),
+    ('failed', 'Transfers that failed.'),
+    ('aborted', 'Transfers the client aborted.'),
+    ('refused', 'Requests refused.'),
+    ('bytes_sent', 'Bytes of files sent.'),
+    ('bytes_received', 'Bytes of files received.'),
+)
+
+
 class Server:
     """The event loop and the table of transfers."""
 
@@ -2567,12 +2587,35 @@ class Server:
 
     def log_stats(self):
         s = self.stats
+        if self.config.stats_file:
+            self.write_stats_file()
         self.log.notice('stats: %d requests, %d files sent, %d received, %d failed, '
                         '%d aborted by clients, %d refused, %d bytes sent, %d received, '
                         'up %.0f s, cpu %.2f s',
                         s['requests'], s['sent'], s['received'], s['failed'], s['aborted'],
                         s['refused'], s['bytes_sent'], s['bytes_received'],
                         time.time() - self.started, sum(os.times()[:2]))
+
+    def write_stats_file(self):
+        """The counters in Prometheus' text format, for node_exporter's
+        textfile collector: written beside, then renamed over, so that a
+        reader never sees half a file."""
+        lines = []
+        for key, help_text in STATS_HELP:
+            name = 'atftpd_%s_total' % key
+            lines += ['# HELP %s %s' % (name, help_text), '# TYPE %s counter' % name,
+                      '%s %d' % (name, self.stats[key])]
+        lines += ['# HELP atftpd_start_time_seconds When the server started.',
+                  '# TYPE atftpd_start_time_seconds gauge',
+                  'atftpd_start_time_seconds %.0f' % self.started]
+        path = self.config.stats_file
+        temporary = '%s.%d.tmp' % (path, os.getpid())
+        try:
+            with open(temporary, 'w') as f:
+                f.write('\n'.join(lines) + '\n')
+            os.rename(temporary, path)
+        except OSError as exc:
+            self.log.warning('cannot write --stats-file %s: %s', path, exc.strerror)
 
     # -- requests --
 
@@ -2736,7 +2779,8 @@ class Server:
             self.generators.request(transfer, now)
         else:
             self.remove_transfer(transfer)
-            self.log.info('%s: %s not found', client, name)
+            self.log.log(LOG_INFO if config.quiet_misses else LOG_NOTICE,
+                         '%s: %s not found', client, name)
             self.stats['failed'] += 1
             self.answer_error(peer, ERR_NOT_FOUND, None, local)
 
@@ -3235,6 +3279,7 @@ GENERATOR_HELP = '''content generator:
     TFTP_SERVER_ADDR  address asked          TFTP_REQUEST      name as sent
     TFTP_FILE         full path (= --file)   TFTP_ROOT         server root
     TFTP_MODE         octet or netascii      TFTP_OPTIONS      name=value ...
+    TFTP_CLIENT_MAC   aa:bb:cc:dd:ee:ff from the ARP table (IPv4 on a local link), or empty
 '''
 
 def positive_int(text):
@@ -3341,6 +3386,12 @@ def build_parser():
     opt('--generator-cache', type=float, default=10.0, metavar='S',
         help='reuse a generated result for the same client and name for S seconds '
              '(default 10, 0 = off)')
+    opt('--quiet-misses', action='store_true',
+        help='log a request for a missing file (and a generator\'s "not mine") at info '
+             'level, not notice')
+    opt('--stats-file', metavar='PATH',
+        help='on SIGUSR1 and at exit, also write the statistics to PATH in Prometheus '
+             'text format (node_exporter textfile collector), atomically')
     opt('--no-multicast', action='store_true', help='do not acknowledge the RFC 2090 '
         'multicast option')
     opt('--mcast-switch-client', action='store_true',
@@ -3449,6 +3500,7 @@ def config_from_args(parser, argv):
     for name in ('daemon', 'no_fork', 'port', 'pidfile', 'logfile', 'trace', 'retry_timeout',
                  'maxthread', 'allow_write', 'allow_create', 'listen_local', 'bind_address',
                  'port_range', 'allow', 'deny', 'unique_root', 'case_insensitive',
+                 'quiet_misses', 'stats_file',
                  'generator_timeout', 'generator_max_size', 'generator_max_running',
                  'generator_cache'):
         setattr(config, name, getattr(args, name))

@@ -204,3 +204,83 @@ def test_case_insensitive_names(start_server, tftp_root):
     with RawClient(plain.host, plain.port) as client:
         client.rrq('boot/bcd')
         assert client.recv()[:2] == (atftpd.OP_ERROR, atftpd.ERR_NOT_FOUND)
+
+
+# -- generators' MAC, visible misses, statistics file ---------------------------------
+
+@pytest.mark.netns
+def test_generator_gets_the_clients_mac_on_a_real_link(make_lan, start_server, tftp_root,
+                                                        tmp_path):
+    lan = make_lan(1)
+    mac = subprocess.run(lan.exec_argv(lan.clients[0], ['cat', '/sys/class/net/eth0/address']),
+                         stdout=subprocess.PIPE, universal_newlines=True, timeout=10,
+                         check=True).stdout.strip()
+    generator = tmp_path / 'gen'
+    generator.write_text('#!/bin/sh\nprintf "mac=%s" "$TFTP_CLIENT_MAC" >&3\n')
+    generator.chmod(0o755)
+    server = start_server(argv=lan.exec_argv(lan.server, [
+        sys.executable, SERVER, '--daemon', '--no-fork', '--port', '69', '--bind-address',
+        SERVER_IP, '--user', 'root.root', '--logfile', '-', '--content-generator',
+        str(generator), str(tftp_root)]))
+    client = RawClient.__new__(RawClient)
+    client.sock, client.server, client.timeout, client.peer = (
+        lan.socket_in(lan.clients[0]), (SERVER_IP, 69), 10.0, None)
+    with client:
+        assert client.download('whoami')[0] == ('mac=%s' % mac.lower()).encode()
+    # Marked as generated in the one line per transfer, at the default level.
+    server.wait_for_log(r'sent whoami to .*, generated$')
+
+
+def test_generator_gets_an_empty_mac_where_none_is_known(start_server, tmp_path):
+    generator = tmp_path / 'gen'
+    generator.write_text('#!/bin/sh\nprintf "mac=[%s]" "${TFTP_CLIENT_MAC-unset}" >&3\n')
+    generator.chmod(0o755)
+    server = start_server('--content-generator', str(generator))
+    with RawClient(server.host, server.port) as client:     # loopback: no ARP entry
+        assert client.download('whoami')[0] == b'mac=[]'
+
+
+def test_misses_are_logged_at_the_default_level_unless_quieted(start_server, tmp_path):
+    generator = tmp_path / 'gen'
+    generator.write_text('#!/bin/sh\nexit 1\n')
+    generator.chmod(0o755)
+    loud = start_server()
+    quiet = start_server('--quiet-misses')
+    loud_gen = start_server('--content-generator', str(generator))
+    quiet_gen = start_server('--content-generator', str(generator), '--quiet-misses')
+    for server in (loud, quiet, loud_gen, quiet_gen):
+        with RawClient(server.host, server.port) as client:
+            client.rrq('pxelinux.cfg/01-52-54-00-12-34-56')
+            assert client.recv()[:2] == (atftpd.OP_ERROR, atftpd.ERR_NOT_FOUND)
+    loud.wait_for_log(r'127\.0\.0\.1:\d+: pxelinux\.cfg/01-52-54-00-12-34-56 not found')
+    loud_gen.wait_for_log(r'failed sending pxelinux\.cfg/01-52-54-00-12-34-56 to 127\.0\.0\.1:'
+                          r'\d+: not found \(generator: exit status 1\)')
+    for server in (quiet, quiet_gen):
+        server.wait_for_log(r'started, serving')
+        assert server.stop() == 0
+        assert 'pxelinux.cfg' not in server.log(), server.log()
+
+
+def test_stats_file_in_prometheus_text_format(start_server, tmp_path):
+    import signal
+    path = tmp_path / 'atftpd.prom'
+    server = start_server('--stats-file', str(path))
+    with RawClient(server.host, server.port) as client:
+        assert client.download('small.txt')[0] == b'hello, tftp\n'
+    server.wait_for_log(r'sent small\.txt')
+    server.proc.send_signal(signal.SIGUSR1)
+    server.wait_for_log(r'stats: ')
+    metrics = {}
+    for line in path.read_text().splitlines():
+        if not line.startswith('#'):
+            name, value = line.split()
+            metrics[name] = float(value)
+        else:
+            assert line.split()[1] in ('HELP', 'TYPE'), line
+    assert metrics['atftpd_requests_total'] == 1
+    assert metrics['atftpd_sent_total'] == 1
+    assert metrics['atftpd_bytes_sent_total'] == len(b'hello, tftp\n')
+    assert metrics['atftpd_start_time_seconds'] > 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith('.tmp')] == []
+    assert server.stop() == 0
+    assert 'atftpd_requests_total 1\n' in path.read_text()      # written again at exit
