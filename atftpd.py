@@ -524,7 +524,7 @@ def case_insensitive_path(root, path):
         if not os.path.lexists(candidate):
             try:
                 with os.scandir(current) as entries:
-                    names = [entry.name for entry in itertools.islice(entries, CASE_SCAN_LIMIT + 1)]
+                    names = [e.name for e in itertools.islice(entries, CASE_SCAN_LIMIT + 1)]
             except OSError:
                 return None
             if len(names) > CASE_SCAN_LIMIT:
