@@ -1216,7 +1216,13 @@ class WriteTransfer(Transfer):
             self.fd, self.temp_path = create_private_file(directory, '.%s.' % base[:64],
                                                           '.part')
         except OSError as exc:
-            self.server.refuse(self, ERR_ACCESS, 'cannot create temporary file: %s' % exc)
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                # Short of descriptors, not of rights: no ERROR, the client asks again.
+                self.finish('dropped: cannot create temporary file: %s' % exc.strerror)
+                return
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)    # blocks or inodes
+            self.server.refuse(self, ERR_DISK_FULL if full else ERR_ACCESS,
+                               'cannot create temporary file: %s' % exc)
             return
         self.params = negotiate_options(self.request.options, False, None, self.server.limits)
         self.sock = self.server.open_transfer_socket(self)

@@ -524,3 +524,30 @@ def test_upload_of_a_client_that_skips_a_block_is_not_stored_as_complete(start_s
             'silently wrong' % (len(stored), len(payload), cp.returncode))
     if cp.returncode == 0:
         assert stored == payload
+
+
+def test_upload_to_a_file_system_out_of_inodes_gets_disk_full(start_server, tftp_root):
+    """A full inode table is a full disk (ERROR 3), not a refusal (ERROR 2):
+    the operator must look at the disk, not the permissions."""
+    if not IS_ROOT:
+        pytest.skip('mounting a tiny tmpfs needs root')
+    full = tftp_root / 'full'
+    full.mkdir()
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m,nr_inodes=2', 'tmpfs', str(full)],
+                   check=True, timeout=30)
+    try:
+        for index in range(10):                 # use up the inodes, however many are left
+            try:
+                (full / ('taken%d' % index)).write_bytes(b'')
+            except OSError:
+                break
+        server = start_server('--allow-create')
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            sock.settimeout(10)
+            sock.sendto(request(OP_WRQ, b'full/new.bin'), (server.host, server.port))
+            reply = sock.recv(600)
+        assert reply[:4] == b'\x00\x05\x00\x03', reply          # ERROR 3
+        server.wait_for_log(r'cannot create temporary file: .*No space left on device')
+    finally:
+        subprocess.run(['umount', str(full)], timeout=30)
