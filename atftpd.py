@@ -751,6 +751,9 @@ def open_source(path, root_real, require_world_readable):
             return None
         if exc.errno == errno.EACCES:
             raise PacketError(ERR_ACCESS, 'Access violation', 'permission denied')
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+            raise PacketError(None, None, 'dropped, the client may ask again: %s'
+                              % os.strerror(exc.errno))
         raise PacketError(ERR_UNDEFINED, os.strerror(exc.errno))
     try:
         info = os.fstat(fd)
@@ -2895,7 +2898,11 @@ class Server:
 
     def answer_error(self, peer, code, message, local=None):
         """An ERROR for a request we will not serve, sent from a new socket on
-        the address the request came to (a new TID, as for a transfer)."""
+        the address the request came to (a new TID, as for a transfer). Code
+        None: no answer (the server is short of something; the client asks
+        again, where an ERROR would end its try)."""
+        if code is None:
+            return
         family = socket.AF_INET6 if ':' in peer[0] else socket.AF_INET
         try:
             with socket.socket(family, socket.SOCK_DGRAM) as sock:

@@ -123,3 +123,25 @@ def test_requests_waiting_for_a_slow_generator_do_not_hold_static_files(start_se
             client.close()
     # Runs start in the order the requests came.
     assert marks.read_text().split() == ['cfg-%d' % index for index in range(4)]
+
+
+def test_no_descriptor_for_a_static_file_drops_the_request(start_server):
+    """An ERROR 0 "Too many open files" ends a client's try; no answer lets
+    it ask again, and it is served once descriptors are back."""
+    if not IS_ROOT:
+        pytest.skip('lowering another process limit with prlimit needs root here')
+    server = start_server()
+    original = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (1, original[1]))     # none free
+    try:
+        with RawClient(server.host, server.port) as client:
+            client.rrq('small.txt')
+            assert client.nothing_for(RRQ_WAIT)
+            server.wait_for_log(r'refused small\.txt: dropped, the client may ask again: '
+                                r'Too many open files')
+            resource.prlimit(server.pid, resource.RLIMIT_NOFILE, original)
+            client.rrq('small.txt')
+            assert client.recv()[:3] == (atftpd.OP_DATA, 1, b'hello, tftp\n')
+            client.ack(1)
+    finally:
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, original)
