@@ -1434,6 +1434,11 @@ class Generation:
             return
         if len(self.output) < self.OUTPUT_LOG_LIMIT:
             self.output += chunk[:self.OUTPUT_LOG_LIMIT - len(self.output)]
+        if len(self.output) >= self.OUTPUT_LOG_LIMIT:
+            # Enough for the log: stop reading. A generator that goes on
+            # writing fills the pipe and waits, costing us nothing, until it
+            # exits or its timeout kills it.
+            self.server.forget_socket(self.pipe)
 
     def close_pipe(self):
         if self.pipe is not None:

@@ -145,3 +145,26 @@ def test_no_descriptor_for_a_static_file_drops_the_request(start_server):
             client.ack(1)
     finally:
         resource.prlimit(server.pid, resource.RLIMIT_NOFILE, original)
+
+
+def test_a_generator_flooding_its_output_is_not_read_past_the_log_limit(start_server,
+                                                                        tmp_path):
+    """Past what the log keeps, the server stops reading the generator's
+    output: the flood blocks on the full pipe until the timeout kills it,
+    instead of costing the server a core for that long."""
+    generator = make_generator(tmp_path, 'printf x >&3\nexec yes flood')
+    server = start_server('--content-generator', generator, '--generator-timeout', '3')
+    read_before = bytes_read(server.pid)
+    with pytest.raises(TftpError) as info:
+        fetch(server, 'noisy')
+    assert info.value.code == atftpd.ERR_NOT_FOUND
+    server.wait_for_log(r'failed sending noisy .*timed out after 3 s')
+    # The log's 4 KiB and at most a pipe's worth at the end, not gigabytes.
+    assert bytes_read(server.pid) - read_before < 1 << 20
+    assert fetch(server, 'small.txt')[0] == b'hello, tftp\n'
+
+
+def bytes_read(pid):
+    """Bytes `pid` has read with read() and the like (/proc/PID/io rchar)."""
+    with open('/proc/%d/io' % pid) as f:
+        return int(dict(line.split(': ') for line in f.read().splitlines())['rchar'])
