@@ -2256,8 +2256,11 @@ class MtftpService:
     def load(self, path):
         log = self.server.log
         try:
-            with open(path, encoding='latin-1') as f:
-                entries, problems = parse_mtftp_config(f, self.server.config.root)
+            # Bytes, decoded here: open(encoding='latin-1') looks the codec up
+            # in the stdlib, which the user we run as may not be able to read.
+            with open(path, 'rb') as f:
+                lines = f.read().decode('latin-1').splitlines(True)
+            entries, problems = parse_mtftp_config(lines, self.server.config.root)
         except OSError as exc:
             log.error('mtftp: cannot read %s: %s; MTFTP serves nothing', path, exc.strerror)
             return

@@ -12,6 +12,7 @@ import pytest
 
 import atftpd
 from conftest import SERVER, RawClient
+from process_support import public_root, require_root  # noqa: F401 (fixture)
 from netns_support import SERVER_IP, make_lan, sha256  # noqa: F401 (fixture)
 from wire_helpers import OP_DATA, OP_ERROR
 
@@ -148,3 +149,31 @@ def test_mtftp_config_lines_for_missing_files_are_skipped(start_server, tmp_path
     assert LISTENING.search(server.wait_for_log(LISTENING.pattern)).group(3) == '1'
     server.wait_for_log(r'mtftp: nothere ignored')
     server.wait_for_log(r'line 3 ignored')
+
+
+def test_mtftp_starts_as_nobody_even_where_nobody_cannot_read_the_stdlib(public_root):
+    """Started as root, the server reads the --mtftp file after dropping to
+    nobody. Reading it as latin-1 text looked the codec up in the stdlib,
+    which nobody cannot read where Python lives under /root (pyenv, as on
+    this project's machines): LookupError at start."""
+    require_root()
+    listing = os.path.join(public_root, 'mtftp.conf')
+    with open(listing, 'w') as f:
+        f.write('pub.txt 239.255.1.1 1758\n')
+    os.chmod(listing, 0o644)
+    proc = subprocess.Popen([sys.executable, SERVER, '--daemon', '--no-fork', '--port', '0',
+                             '--bind-address', '127.0.0.1', '--logfile', '-', '--mtftp', listing,
+                             '--mtftp-port', '0', '-v6', public_root],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if 'started, serving' in line or 'Traceback' in line:
+                break
+        assert 'started, serving' in lines[-1], ''.join(lines)
+        assert not any('mtftp' in line and 'cannot' in line for line in lines), ''.join(lines)
+    finally:
+        proc.terminate()
+        proc.wait(20)
