@@ -99,6 +99,15 @@ logger() {
 	stub_record logger "$@"
 }
 
+# /sbin/uci: only `uci show PACKAGE`, as reload_config uses it.
+uci() {
+	if [ "$1" != show ] || [ "$#" != 2 ]; then
+		echo "stub: uci $*" >&2
+		return 1
+	fi
+	stub_validate_data show "$2"
+}
+
 # /sbin/validate_data, found on PATH as on a router (procd.sh calls it by
 # its full path; the stub's procd.sh calls the stand-in).
 validate_data() {

@@ -2,6 +2,7 @@
 rc.common, procd and UCI (tests/openwrt_stub.sh), the feed Makefile, and
 the .ipk that build-ipk.sh makes, unpacked and its server run for real."""
 
+import hashlib
 import os
 import pwd
 import py_compile
@@ -9,6 +10,7 @@ import re
 import shlex
 import stat
 import sys
+import syslog
 import tarfile
 
 import pytest
@@ -119,7 +121,8 @@ def run_init(tmp_path, uci, action='start', env=None):
     (tmp_path / 'procd').mkdir(exist_ok=True)
     environ = dict(os.environ, STUB_LOG=str(log), STUB_PYTHON=sys.executable,
                    UCI_CONFIG_DIR=str(tmp_path / 'etc' / 'config'),
-                   STUB_PROCD=str(tmp_path / 'procd'), ATFTPD_STATE=str(tmp_path / 'run'))
+                   STUB_PROCD=str(tmp_path / 'procd'), ATFTPD_STATE=str(tmp_path / 'run'),
+                   ATFTPD_MD5FILE=str(tmp_path / 'config.md5'))
     environ.pop('IPKG_INSTROOT', None)
     if action in ('enable', 'disable'):
         environ['IPKG_INSTROOT'] = str(tmp_path)
@@ -495,6 +498,67 @@ def test_procd_command_line_is_accepted_by_the_real_server(tmp_path, served, gen
     finally:
         status = server.stop()
     assert status == 0, server.log()
+
+
+def uci_show(tmp_path):
+    result = run([sys.executable, os.path.join(PROJECT, 'tests', 'uci_validate_data.py'),
+                  'show', 'atftpd'], env=dict(os.environ,
+                                              UCI_CONFIG_DIR=str(tmp_path / 'etc' / 'config')))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def reload_config(tmp_path, md5file):
+    """What /sbin/reload_config does: signal the packages whose `uci show`
+    differs from the checksum file (only those listed there), then rewrite
+    the file. Here the only config is atftpd; other lines are kept."""
+    path = '/var/run/config.check/atftpd'
+    digest = hashlib.md5(uci_show(tmp_path).encode()).hexdigest()
+    lines = md5file.read_text().splitlines()
+    changed = ['atftpd' for line in lines if line.endswith('  ' + path)
+               and line.split()[0] != digest]
+    lines = [line for line in lines if not line.endswith('  ' + path)] + [
+        '%s  %s' % (digest, path)]
+    md5file.write_text('\n'.join(lines) + '\n')
+    return changed
+
+
+def test_the_first_change_after_install_reaches_reload_config(tmp_path, served):
+    """reload_config wrote its checksums at boot, before /etc/config/atftpd
+    existed: start (opkg's postinst runs it, so does the owner after a
+    copy) lists it, so the first `uci commit; reload_config` reloads."""
+    md5file = tmp_path / 'config.md5'
+    boot = '0123456789abcdef0123456789abcdef  /var/run/config.check/dhcp\n'
+    md5file.write_text(boot)
+    first = run_init(tmp_path, uci_section([('path', served)]))
+    assert first.instances()
+    digest = hashlib.md5(uci_show(tmp_path).encode()).hexdigest()
+    assert md5file.read_text() == boot + '%s  /var/run/config.check/atftpd\n' % digest
+    run_init(tmp_path, uci_section([('path', served)]), 'reload')
+    assert md5file.read_text().count('atftpd') == 1            # listed once
+    (tmp_path / 'etc' / 'config' / 'atftpd').write_text(
+        uci_section([('path', served), ('port', '1069')]))    # uci commit
+    assert reload_config(tmp_path, md5file) == ['atftpd']
+    assert reload_config(tmp_path, md5file) == []
+
+
+def test_no_checksum_file_is_left_alone(tmp_path, served):
+    run_init(tmp_path, uci_section([('path', served)]))
+    assert not (tmp_path / 'config.md5').exists()
+
+
+def test_the_server_logs_to_syslog_as_atftpd_at_each_lines_priority(monkeypatch):
+    """Without --logfile (as procd starts it) the server speaks syslog with
+    ident atftpd, facility daemon, and the line's own priority: logread
+    shows atftpd[pid] and daemon.warn, not python3[pid] at daemon.info."""
+    calls = []
+    monkeypatch.setattr(atftpd.syslog, 'openlog', lambda *args: calls.append(('open',) + args))
+    monkeypatch.setattr(atftpd.syslog, 'syslog', lambda *args: calls.append(('log',) + args))
+    log = atftpd.Log(atftpd.LOG_INFO)
+    log.warning('disk %s', 'full')
+    log.info('hello')
+    assert calls == [('open', 'atftpd', syslog.LOG_PID, syslog.LOG_DAEMON),
+                     ('log', syslog.LOG_WARNING, 'disk full'), ('log', syslog.LOG_INFO, 'hello')]
 
 
 # The feed Makefile ###########################################################

@@ -8,6 +8,8 @@ for the procd stub (tests/openwrt_stub.sh).
         $UCI_CONFIG_DIR/PACKAGE: CONFIG_SECTIONS, CONFIG_<s>_TYPE,
         CONFIG_<s>_<option> (a list: its items joined by spaces) and, for a
         list, CONFIG_<s>_<option>_ITEM<n> and CONFIG_<s>_<option>_LENGTH
+    uci_validate_data.py show PACKAGE
+        as `uci show PACKAGE` (what reload_config checksums)
     uci_validate_data.py check TYPE VALUE
         validate_data's two-argument form: prints "TYPE - VALUE = true" (or
         false) and exits 0 (or 1)
@@ -281,9 +283,24 @@ def shell_load(package):
     return ['CONFIG_SECTIONS=%s' % shlex.quote(' '.join(names))] + lines
 
 
+def uci_show(package):
+    """`uci show PACKAGE`: package.section=type, package.section.option='value'
+    (a list: its values quoted one by one, separated by spaces)."""
+    lines = []
+    for stype, sname, opts in load(package):
+        lines.append('%s.%s=%s' % (package, sname, stype))
+        for option, values in opts.items():
+            quoted = ' '.join("'%s'" % value.replace("'", "'\\''") for value in values)
+            lines.append('%s.%s.%s=%s' % (package, sname, option, quoted))
+    return lines
+
+
 def main(argv):
     if argv[:1] == ['load'] and len(argv) == 2:
         print('\n'.join(shell_load(argv[1])))
+        return 0
+    if argv[:1] == ['show'] and len(argv) == 2:
+        print('\n'.join(uci_show(argv[1])))
         return 0
     if argv[:1] == ['check'] and len(argv) == 3:
         ok = check(argv[1], argv[2])
