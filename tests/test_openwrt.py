@@ -500,6 +500,35 @@ def test_procd_command_line_is_accepted_by_the_real_server(tmp_path, served, gen
     assert status == 0, server.log()
 
 
+def test_readme_shows_what_a_typo_prints(tmp_path, served):
+    """openwrt/README.md's example of a bad value: the reload's output and
+    status, line for line."""
+    with open(os.path.join(OPENWRT, 'README.md')) as f:
+        text = f.read()
+    def block(command):
+        match = re.search(r'^    # %s.*\n((?:    \S.*\n)+)' % re.escape(command), text, re.M)
+        assert match, command
+        return [line[4:] for line in match.group(1).splitlines()]
+    run_init(tmp_path, uci_section([('path', served)]))
+    bad = run_init(tmp_path, uci_section([('path', served), ('port', '6x9')]), 'reload')
+    assert block('/etc/init.d/atftpd reload') == failing_lines(bad) + bad.stdout.splitlines()
+    status = run_init(tmp_path, uci_section([('path', served), ('port', '6x9')]), 'status')
+    assert block('/etc/init.d/atftpd status') == status.stdout.splitlines()
+
+
+def test_shipped_config_mentions_every_option_and_the_readme(tmp_path):
+    with open(CONFIG) as f:
+        text = f.read()
+    assert 'openwrt/README.md' in text
+    with open(INIT) as f:
+        options = re.findall(r"^\t\t'(\w+):", f.read(), re.M)
+    with open(os.path.join(OPENWRT, 'README.md')) as f:
+        readme = f.read()
+    for option in options:
+        assert re.search(r"^\s*#?(option|list) %s '" % option, text, re.M), option
+        assert re.search(r'^\| `%s`' % option, readme, re.M) or '`, `%s`' % option in readme, option
+
+
 def uci_show(tmp_path):
     result = run([sys.executable, os.path.join(PROJECT, 'tests', 'uci_validate_data.py'),
                   'show', 'atftpd'], env=dict(os.environ,
