@@ -203,7 +203,8 @@ def test_triggers_reload_on_config_change_and_declare_the_schema(tmp_path, serve
         'allow_write': 'bool', 'allow_create': 'bool', 'generator': 'file',
         'generator_timeout': 'min(1)', 'generator_max_size': 'min(1)',
         'generator_max_running': 'min(1)', 'generator_cache': 'uinteger', 'mdns': 'bool',
-        'env': 'list(string)',
+        'env': 'list(string)', 'port_range': 'string', 'allow': 'list(string)',
+        'deny': 'list(string)',
     }
     assert run_.calls[-1] == ('procd_close_service', ['set'])
 
@@ -225,6 +226,8 @@ def test_every_option_maps_to_its_flag_in_order(tmp_path, served, generator):
         ('allow_write', 'yes'), ('allow_create', 'on'), ('generator', generator),
         ('generator_timeout', '5'), ('generator_max_size', '65536'),
         ('generator_max_running', '2'), ('generator_cache', '0'), ('mdns', '0'),
+        ('port_range', '40000:40999'), ('list allow', '192.168.1.0/24'),
+        ('list allow', 'fd00::/8'), ('list allow', '10.0.0.1'), ('list deny', '192.168.1.13'),
     ]))
     assert run_.result.returncode == 0, run_.stderr
     assert run_.instances() == {'service': {
@@ -235,7 +238,9 @@ def test_every_option_maps_to_its_flag_in_order(tmp_path, served, generator):
                              '--allow-write', '--allow-create',
                              '--content-generator', generator, '--generator-timeout', '5',
                              '--generator-max-size', '65536', '--generator-max-running', '2',
-                             '--generator-cache', '0', served],
+                             '--generator-cache', '0', '--port-range', '40000:40999',
+                             '--allow', '192.168.1.0/24', '--allow', 'fd00::/8',
+                             '--allow', '10.0.0.1', '--deny', '192.168.1.13', served],
         'env': MODULE_ENV,
         'stdout': ['1'],
         'stderr': ['1'],
@@ -249,6 +254,13 @@ def test_generator_limits_without_a_generator_are_not_passed(tmp_path, served):
     command = run_.instances()['service']['command']
     assert not [arg for arg in command if arg.startswith('--generator')]
     assert '--allow-write' not in command
+
+
+def test_user_by_number_and_group(tmp_path, served):
+    run_ = run_init(tmp_path, uci_section([('path', served), ('user', '0.0')]))
+    assert failing_lines(run_) == [] and '0.0' in run_.instances()['service']['command']
+    run_ = run_init(tmp_path, uci_section([('path', served), ('user', 'root.root')]))
+    assert failing_lines(run_) == []
 
 
 def test_bind_address_as_an_option_with_two_words(tmp_path, served):
@@ -301,6 +313,17 @@ INVALID = [
     ('list env', 'PYTHONPATH=/tmp'),
     ('list env', 'TFTP_ROOT=/'),
     ('env', 'MACLIST_SOURCE=/tmp/maclist'),
+    ('user', 'root.nogrp'),
+    ('port_range', '100'),
+    ('port_range', '2000:1000'),
+    ('port_range', '0:10'),
+    ('port_range', '1:70000'),
+    ('port_range', '0x10:0x20'),
+    ('list allow', '10.0.0.0/33'),
+    ('list allow', '::/129'),
+    ('list allow', '10.0.0.0/'),
+    ('list deny', 'lan'),
+    ('list deny', '10.0.0.0/08'),
 ]
 
 
@@ -479,6 +502,8 @@ def test_procd_command_line_is_accepted_by_the_real_server(tmp_path, served, gen
         ('path', served), ('port', '0'), ('list bind_address', '127.0.0.1'), ('user', user),
         ('verbose', '6'), ('maxthread', '4'), ('max_blksize', '1428'), ('allow_create', '1'),
         ('generator', generator), ('generator_timeout', '5'), ('generator_cache', '0'),
+        ('list allow', '127.0.0.0/8'), ('list deny', '192.0.2.0/24'),
+        ('port_range', '40000:40999'),
     ]))
     instance = run_.instances()['service']
     command = instance['command']
