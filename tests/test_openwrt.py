@@ -453,6 +453,15 @@ def test_after_disable_in_uci_a_typo_does_not_bring_the_old_server_back(tmp_path
     assert "section 'service' not started" in bad.stdout
 
 
+def test_disabled_with_a_typo_in_the_same_change_is_off(tmp_path, served):
+    run_init(tmp_path, uci_section([('path', served)]))
+    bad = run_init(tmp_path, uci_section([('path', served), ('enabled', 'No'),
+                                          ('port', 'x')]), 'reload')
+    assert bad.instances() == {}
+    assert failing_lines(bad) == ['atftpd.service.port=x validates as port with false']
+    assert "section 'service' not started" in bad.stdout
+
+
 def test_stop_then_status_is_inactive(tmp_path, served):
     uci = uci_section([('path', served)])
     run_init(tmp_path, uci)
