@@ -20,6 +20,9 @@
 # stops the running server), stop deletes the service, and `status` reports
 # as procd.sh's _procd_status does ("running", "active with no instances",
 # "inactive" with status 3), or through the script's status_service.
+# Not among issue 15's observations, taken from rc.common and procd.sh's
+# source: `status` calls status_service when the script defines one, and
+# _procd_status's wording and exit codes.
 # shellcheck disable=SC3043 # busybox ash has local; rc.common relies on it
 
 STUB_DIR=$(cd "$(dirname "$0")" && pwd)
