@@ -2,6 +2,7 @@
 rc.common, procd and UCI (tests/openwrt_stub.sh), the feed Makefile, and
 the .ipk that build-ipk.sh makes, unpacked and its server run for real."""
 
+import hashlib
 import os
 import pwd
 import py_compile
@@ -9,6 +10,7 @@ import re
 import shlex
 import stat
 import sys
+import syslog
 import tarfile
 
 import pytest
@@ -100,7 +102,10 @@ class InitRun:
 
 def run_init(tmp_path, uci, action='start', env=None):
     """Run the init script, installed as <tmp>/etc/init.d/atftpd, with
-    `uci` as /etc/config/atftpd."""
+    `uci` as /etc/config/atftpd, as a router runs it: no IPKG_INSTROOT
+    (that is image-build mode) except for enable/disable, which link below
+    it. procd's state (<tmp>/procd) and the script's (<tmp>/run) last from
+    one call to the next, as on a router between commands."""
     need_program('busybox', 'busybox')
     initd = tmp_path / 'etc' / 'init.d'
     initd.mkdir(parents=True, exist_ok=True)
@@ -113,9 +118,14 @@ def run_init(tmp_path, uci, action='start', env=None):
     log = tmp_path / 'procd.log'
     if log.exists():
         log.unlink()
+    (tmp_path / 'procd').mkdir(exist_ok=True)
     environ = dict(os.environ, STUB_LOG=str(log), STUB_PYTHON=sys.executable,
                    UCI_CONFIG_DIR=str(tmp_path / 'etc' / 'config'),
-                   IPKG_INSTROOT=str(tmp_path))
+                   STUB_PROCD=str(tmp_path / 'procd'), ATFTPD_STATE=str(tmp_path / 'run'),
+                   ATFTPD_MD5FILE=str(tmp_path / 'config.md5'))
+    environ.pop('IPKG_INSTROOT', None)
+    if action in ('enable', 'disable'):
+        environ['IPKG_INSTROOT'] = str(tmp_path)
     environ.update(env or {})
     result = run(['busybox', 'sh', STUB, str(script), action], env=environ)
     calls = []
@@ -163,7 +173,7 @@ def test_shipped_config_gives_the_atftpd_package_command_line(tmp_path, served):
     run_ = run_init(tmp_path, shipped_config(served))
     assert run_.result.returncode == 0, run_.stderr
     assert run_.instances() == {'service': {
-        'command': LAUNCH + ['--daemon', '--no-fork', '--logfile', '-',
+        'command': LAUNCH + ['--daemon', '--no-fork',
                              '--user', 'root.root', '--port', '69', served],
         'env': MODULE_ENV,
         'stdout': ['1'],
@@ -193,6 +203,8 @@ def test_triggers_reload_on_config_change_and_declare_the_schema(tmp_path, serve
         'allow_write': 'bool', 'allow_create': 'bool', 'generator': 'file',
         'generator_timeout': 'min(1)', 'generator_max_size': 'min(1)',
         'generator_max_running': 'min(1)', 'generator_cache': 'uinteger', 'mdns': 'bool',
+        'env': 'list(string)', 'port_range': 'string', 'allow': 'list(string)',
+        'deny': 'list(string)',
     }
     assert run_.calls[-1] == ('procd_close_service', ['set'])
 
@@ -202,7 +214,7 @@ def test_config_of_openwrts_atftpd_package_works_unchanged(tmp_path, served):
     run_ = run_init(tmp_path, "\nconfig service 'service'\n\toption path '%s'\n"
                               "\toption port '6969'\n" % served)
     assert run_.instances()['service']['command'] == LAUNCH + [
-        '--daemon', '--no-fork', '--logfile', '-', '--user', 'root.root',
+        '--daemon', '--no-fork', '--user', 'root.root',
         '--port', '6969', served]
 
 
@@ -214,17 +226,21 @@ def test_every_option_maps_to_its_flag_in_order(tmp_path, served, generator):
         ('allow_write', 'yes'), ('allow_create', 'on'), ('generator', generator),
         ('generator_timeout', '5'), ('generator_max_size', '65536'),
         ('generator_max_running', '2'), ('generator_cache', '0'), ('mdns', '0'),
+        ('port_range', '40000:40999'), ('list allow', '192.168.1.0/24'),
+        ('list allow', 'fd00::/8'), ('list allow', '10.0.0.1'), ('list deny', '192.168.1.13'),
     ]))
     assert run_.result.returncode == 0, run_.stderr
     assert run_.instances() == {'service': {
-        'command': LAUNCH + ['--daemon', '--no-fork', '--logfile', '-',
+        'command': LAUNCH + ['--daemon', '--no-fork',
                              '--user', 'nobody', '--port', '1069',
                              '--bind-address', '192.168.1.1', '--bind-address', 'fd00::1',
                              '--verbose=7', '--maxthread', '20', '--max-blksize', '1428',
                              '--allow-write', '--allow-create',
                              '--content-generator', generator, '--generator-timeout', '5',
                              '--generator-max-size', '65536', '--generator-max-running', '2',
-                             '--generator-cache', '0', served],
+                             '--generator-cache', '0', '--port-range', '40000:40999',
+                             '--allow', '192.168.1.0/24', '--allow', 'fd00::/8',
+                             '--allow', '10.0.0.1', '--deny', '192.168.1.13', served],
         'env': MODULE_ENV,
         'stdout': ['1'],
         'stderr': ['1'],
@@ -238,6 +254,13 @@ def test_generator_limits_without_a_generator_are_not_passed(tmp_path, served):
     command = run_.instances()['service']['command']
     assert not [arg for arg in command if arg.startswith('--generator')]
     assert '--allow-write' not in command
+
+
+def test_user_by_number_and_group(tmp_path, served):
+    run_ = run_init(tmp_path, uci_section([('path', served), ('user', '0.0')]))
+    assert failing_lines(run_) == [] and '0.0' in run_.instances()['service']['command']
+    run_ = run_init(tmp_path, uci_section([('path', served), ('user', 'root.root')]))
+    assert failing_lines(run_) == []
 
 
 def test_bind_address_as_an_option_with_two_words(tmp_path, served):
@@ -256,10 +279,9 @@ def test_enabled_off_starts_no_instance(tmp_path, served, value):
     assert run_.named('procd_add_reload_trigger') == [['atftpd']]   # a later enable reloads
 
 
-@pytest.mark.parametrize('option, value', [
+INVALID = [
     ('port', 'tftp'),
     ('port', '70000'),
-    ('port', '-1'),
     ('path', '/nonexistent/tftp'),
     ('enabled', 'maybe'),
     ('verbose', '8'),
@@ -276,15 +298,186 @@ def test_enabled_off_starts_no_instance(tmp_path, served, value):
     ('generator_max_running', '0'),
     ('generator_cache', '-5'),
     ('mdns', 'sometimes'),
-])
-def test_invalid_value_is_reported_and_nothing_started(tmp_path, served, option, value):
+    # Real validate_data passes these (C's strtoul/strtol, issue 15): the
+    # init script must catch them, or the server exits and procd respawns it.
+    ('port', '-1'),
+    ('port', '4294967365'),
+    ('verbose', '07'),
+    ('maxthread', '0x10'),
+    ('max_blksize', '010'),
+    ('generator_cache', '0x0'),
+    ('generator_timeout', ' 5'),
+    ('user', 'nobdy'),
+    ('list env', 'MACLIST'),
+    ('list env', '1X=2'),
+    ('list env', 'PYTHONPATH=/tmp'),
+    ('list env', 'TFTP_ROOT=/'),
+    ('env', 'MACLIST_SOURCE=/tmp/maclist'),
+    ('user', 'root.nogrp'),
+    ('port_range', '100'),
+    ('port_range', '2000:1000'),
+    ('port_range', '0:10'),
+    ('port_range', '1:70000'),
+    ('port_range', '0x10:0x20'),
+    ('list allow', '10.0.0.0/33'),
+    ('list allow', '::/129'),
+    ('list allow', '10.0.0.0/'),
+    ('list deny', 'lan'),
+    ('list deny', '10.0.0.0/08'),
+]
+
+
+def failing_lines(run_):
+    return [line for line in run_.stderr.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize('option, value', INVALID)
+def test_invalid_value_is_reported_in_one_line_and_nothing_started(tmp_path, served,
+                                                                   option, value):
     run_ = run_init(tmp_path, uci_section([('path', served), (option, value)]))
     assert run_.instances() == {}
     assert "validation failed: atftpd section 'service' not started" in run_.stdout
     name = option.split(' ')[-1]
-    assert 'atftpd.service.%s=%s validates as' % (name, value) in run_.stderr
+    # One line, naming the option and the value; real validate_data's
+    # lines for the valid and unset options are not shown.
+    lines = failing_lines(run_)
+    assert len(lines) == 1, run_.stderr
+    assert re.match(r'atftpd\.service\.%s(\[0\])?=%s (validates as .* with false|is not )'
+                    % (name, re.escape(value)), lines[0]), lines[0]
     logged = run_.named('logger')
-    assert logged and logged[0][:4] == ['-t', 'atftpd', '-p', 'daemon.err']
+    assert [args[:4] for args in logged] == [['-t', 'atftpd', '-p', 'daemon.err']] * 2
+    assert logged[0][4] == lines[0]
+    assert logged[1][4] == "validation failed: atftpd section 'service' not started"
+    status = run_init(tmp_path, uci_section([('path', served), (option, value)]), 'status')
+    assert status.result.returncode == 1
+    assert status.stdout.splitlines() == [
+        'active with no instances', 'config error, /etc/config/atftpd not applied:', lines[0]]
+
+
+def test_a_bad_list_item_before_a_good_one_is_caught(tmp_path, served):
+    """Real validate_data judges a list by its last item: this passes it
+    (status 0) and leaves router.lan out. The init script refuses it."""
+    uci = uci_section([('path', served), ('list bind_address', 'router.lan'),
+                       ('list bind_address', '127.0.0.1')])
+    run_ = run_init(tmp_path, uci)
+    assert run_.instances() == {}
+    assert [args[4] for args in run_.named('uci_load_validate') if args[2]] == ['0']
+    # validate_data said nothing (status 0: procd.sh shows its stderr only
+    # on a failure); the line is the init script's.
+    assert failing_lines(run_) == ['atftpd.service.bind_address[0]=router.lan is not an IP address']
+
+
+def test_the_stand_in_validate_data_is_as_loose_as_the_real_one(tmp_path):
+    """What issue 15 observed on OpenWrt's validate_data."""
+    script = os.path.join(PROJECT, 'tests', 'uci_validate_data.py')
+    for kind, value, valid in [
+            ('port', '-1', True), ('port', '4294967365', True), ('port', '70000', False),
+            ('port', '0x10', False), ('uinteger', '0x10', True), ('uinteger', '010', True),
+            ('uinteger', '08', False), ('min(1)', '0x10', True), ('range(0,7)', '07', True),
+            ('bool', 'No', True), ('bool', 'YES', True), ('bool', 'maybe', False),
+            ('ipaddr', 'router.lan', False), ('ipaddr', 'fd00::1', True)]:
+        result = run([sys.executable, script, 'check', kind, value])
+        assert (result.returncode == 0) == valid, (kind, value)
+        assert result.stdout == '%s - %s = %s\n' % (kind, value, str(valid).lower())
+    (tmp_path / 'atftpd').write_text(uci_section([('enabled', 'No'), ('port', '70000')]))
+    result = run([sys.executable, script, 'validate', 'atftpd', 'service', 'service',
+                  'enabled:bool:1', 'port:port:69', 'verbose:range(0,7)'],
+                 env=dict(os.environ, UCI_CONFIG_DIR=str(tmp_path)))
+    assert result.returncode == 1
+    assert result.stdout.startswith("enabled=''; ")      # No: valid, exported empty
+    assert result.stderr.splitlines() == [
+        'atftpd.service.enabled=No validates as bool with true',
+        'atftpd.service.port=70000 validates as port with false',
+        'atftpd.service.verbose is unset and defaults to range(0,7) ']
+
+
+@pytest.mark.parametrize('value, started', [('No', False), ('OFF', False), ('Disabled', False),
+                                            ('YES', True), ('True', True), ('On', True)])
+def test_booleans_in_any_case_mean_what_they_say(tmp_path, served, value, started):
+    run_ = run_init(tmp_path, uci_section([('enabled', value), ('path', served),
+                                           ('allow_write', value), ('mdns', value)]))
+    assert run_.result.returncode == 0, run_.stderr
+    assert failing_lines(run_) == []
+    if not started:
+        assert run_.instances() == {}
+        return
+    instance = run_.instances()['service']
+    assert '--allow-write' in instance['command']
+    assert instance['mdns'] == ['tftp', 'udp', '69', 'daemon=atftpd']
+
+
+def test_env_list_reaches_the_server_and_its_generator(tmp_path, served, generator):
+    run_ = run_init(tmp_path, uci_section([
+        ('path', served), ('generator', generator),
+        ('list env', 'MACLIST_SOURCE=/tmp/dhcp.leases'),
+        ('list env', 'MACLIST_FILTER=a  b '), ('list env', 'EMPTY=')]))
+    assert failing_lines(run_) == [], run_.stderr
+    assert run_.instances()['service']['env'] == MODULE_ENV + [
+        'MACLIST_SOURCE=/tmp/dhcp.leases', 'MACLIST_FILTER=a  b ', 'EMPTY=']
+
+
+# A typo must not take TFTP down (issue 15, point 4) #########################
+
+def test_a_typo_keeps_the_running_server_with_its_last_good_settings(tmp_path, served):
+    good = uci_section([('path', served), ('port', '1069'), ('list env', 'A=1')])
+    first = run_init(tmp_path, good)
+    declared = first.instances()
+    assert declared and failing_lines(first) == []
+    assert run_init(tmp_path, good, 'status').stdout == 'running\n'
+    for action in ('reload', 'start', 'restart'):
+        bad = run_init(tmp_path, uci_section([('path', served), ('port', '1o69')]), action)
+        # procd is given the same instance again: it leaves it running.
+        assert bad.instances() == declared, action
+        assert failing_lines(bad) == ['atftpd.service.port=1o69 validates as port with false']
+        line = ("validation failed: atftpd section 'service' keeps running with its "
+                "last good settings")
+        assert bad.stdout.strip() == line
+        assert [args[4] for args in bad.named('logger')] == [failing_lines(bad)[0], line]
+        status = run_init(tmp_path, good, 'status')
+        assert status.result.returncode == 1
+        assert status.stdout.splitlines() == [
+            'running', 'config error, /etc/config/atftpd not applied:',
+            'atftpd.service.port=1o69 validates as port with false']
+    fixed = run_init(tmp_path, uci_section([('path', served), ('port', '2069')]), 'reload')
+    assert fixed.instances()['service']['command'][-3:] == ['--port', '2069', served]
+    status = run_init(tmp_path, good, 'status')
+    assert (status.result.returncode, status.stdout) == (0, 'running\n')
+
+
+def test_after_disable_in_uci_a_typo_does_not_bring_the_old_server_back(tmp_path, served):
+    run_init(tmp_path, uci_section([('path', served)]))
+    off = run_init(tmp_path, uci_section([('path', served), ('enabled', '0')]), 'reload')
+    assert off.instances() == {}
+    bad = run_init(tmp_path, uci_section([('path', served), ('port', 'x')]), 'reload')
+    assert bad.instances() == {}
+    assert "section 'service' not started" in bad.stdout
+
+
+def test_disabled_with_a_typo_in_the_same_change_is_off(tmp_path, served):
+    run_init(tmp_path, uci_section([('path', served)]))
+    bad = run_init(tmp_path, uci_section([('path', served), ('enabled', 'No'),
+                                          ('port', 'x')]), 'reload')
+    assert bad.instances() == {}
+    assert failing_lines(bad) == ['atftpd.service.port=x validates as port with false']
+    assert "section 'service' not started" in bad.stdout
+
+
+def test_stop_then_status_is_inactive(tmp_path, served):
+    uci = uci_section([('path', served)])
+    run_init(tmp_path, uci)
+    assert run_init(tmp_path, uci, 'stop').named('procd_kill') == [['atftpd', '']]
+    status = run_init(tmp_path, uci, 'status')
+    assert (status.result.returncode, status.stdout) == (3, 'inactive\n')
+
+
+def test_image_build_mode_declares_nothing(tmp_path, served):
+    """With IPKG_INSTROOT set, real config_load returns at once: start
+    declares no instance and the script writes no state."""
+    run_ = run_init(tmp_path, uci_section([('path', served)]),
+                    env={'IPKG_INSTROOT': str(tmp_path)})
+    assert run_.result.returncode == 0
+    assert run_.instances() == {}
+    assert not (tmp_path / 'run').exists()
 
 
 def test_one_instance_per_service_section(tmp_path, served):
@@ -296,8 +489,8 @@ def test_one_instance_per_service_section(tmp_path, served):
     assert len(instances) == 2 and 'service' in instances, instances
     anonymous = [name for name in instances if name != 'service'][0]
     assert anonymous.startswith('cfg')          # uci's name for an unnamed section
-    assert instances['service']['command'][9:] == ['--port', '69', served]
-    assert instances[anonymous]['command'][9:] == [
+    assert instances['service']['command'][7:] == ['--port', '69', served]
+    assert instances[anonymous]['command'][7:] == [
         '--port', '1069', '--bind-address', '127.0.0.1', served]
     assert "section 'broken' not started" in run_.stdout
 
@@ -318,13 +511,18 @@ def test_procd_command_line_is_accepted_by_the_real_server(tmp_path, served, gen
         ('path', served), ('port', '0'), ('list bind_address', '127.0.0.1'), ('user', user),
         ('verbose', '6'), ('maxthread', '4'), ('max_blksize', '1428'), ('allow_create', '1'),
         ('generator', generator), ('generator_timeout', '5'), ('generator_cache', '0'),
+        ('list allow', '127.0.0.0/8'), ('list deny', '192.0.2.0/24'),
+        ('port_range', '40000:40999'),
     ]))
     instance = run_.instances()['service']
     command = instance['command']
     assert command[:3] == LAUNCH and instance['env'] == MODULE_ENV
-    # The same launch, with this interpreter and the module from the project.
+    # The same launch, with this interpreter and the module from the project,
+    # and the log on stdout for the test to read (procd's has syslog: logd).
+    assert '--logfile' not in command
     env = dict(os.environ, PYTHONPATH=PROJECT)
-    server = ForegroundServer([sys.executable, '-m', 'atftpd'] + command[3:], env=env)
+    server = ForegroundServer([sys.executable, '-m', 'atftpd'] + command[3:-1]
+                              + ['--logfile', '-', command[-1]], env=env)
     try:
         with RawClient('127.0.0.1', server.port) as client:
             assert client.download('hello.txt')[0] == b'hello from procd\n'
@@ -334,6 +532,96 @@ def test_procd_command_line_is_accepted_by_the_real_server(tmp_path, served, gen
     finally:
         status = server.stop()
     assert status == 0, server.log()
+
+
+def test_readme_shows_what_a_typo_prints(tmp_path, served):
+    """openwrt/README.md's example of a bad value: the reload's output and
+    status, line for line."""
+    with open(os.path.join(OPENWRT, 'README.md')) as f:
+        text = f.read()
+    def block(command):
+        match = re.search(r'^    # %s.*\n((?:    \S.*\n)+)' % re.escape(command), text, re.M)
+        assert match, command
+        return [line[4:] for line in match.group(1).splitlines()]
+    run_init(tmp_path, uci_section([('path', served)]))
+    bad = run_init(tmp_path, uci_section([('path', served), ('port', '6x9')]), 'reload')
+    assert block('/etc/init.d/atftpd reload') == failing_lines(bad) + bad.stdout.splitlines()
+    status = run_init(tmp_path, uci_section([('path', served), ('port', '6x9')]), 'status')
+    assert block('/etc/init.d/atftpd status') == status.stdout.splitlines()
+
+
+def test_shipped_config_mentions_every_option_and_the_readme(tmp_path):
+    with open(CONFIG) as f:
+        text = f.read()
+    assert 'openwrt/README.md' in text
+    with open(INIT) as f:
+        options = re.findall(r"^\t\t'(\w+):", f.read(), re.M)
+    with open(os.path.join(OPENWRT, 'README.md')) as f:
+        readme = f.read()
+    for option in options:
+        assert re.search(r"^\s*#?(option|list) %s '" % option, text, re.M), option
+        assert re.search(r'^\| `%s`' % option, readme, re.M) or '`, `%s`' % option in readme, option
+
+
+def uci_show(tmp_path):
+    result = run([sys.executable, os.path.join(PROJECT, 'tests', 'uci_validate_data.py'),
+                  'show', 'atftpd'], env=dict(os.environ,
+                                              UCI_CONFIG_DIR=str(tmp_path / 'etc' / 'config')))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def reload_config(tmp_path, md5file):
+    """What /sbin/reload_config does: signal the packages whose `uci show`
+    differs from the checksum file (only those listed there), then rewrite
+    the file. Here the only config is atftpd; other lines are kept."""
+    path = '/var/run/config.check/atftpd'
+    digest = hashlib.md5(uci_show(tmp_path).encode()).hexdigest()
+    lines = md5file.read_text().splitlines()
+    changed = ['atftpd' for line in lines if line.endswith('  ' + path)
+               and line.split()[0] != digest]
+    lines = [line for line in lines if not line.endswith('  ' + path)] + [
+        '%s  %s' % (digest, path)]
+    md5file.write_text('\n'.join(lines) + '\n')
+    return changed
+
+
+def test_the_first_change_after_install_reaches_reload_config(tmp_path, served):
+    """reload_config wrote its checksums at boot, before /etc/config/atftpd
+    existed: start (opkg's postinst runs it, so does the owner after a
+    copy) lists it, so the first `uci commit; reload_config` reloads."""
+    md5file = tmp_path / 'config.md5'
+    boot = '0123456789abcdef0123456789abcdef  /var/run/config.check/dhcp\n'
+    md5file.write_text(boot)
+    first = run_init(tmp_path, uci_section([('path', served)]))
+    assert first.instances()
+    digest = hashlib.md5(uci_show(tmp_path).encode()).hexdigest()
+    assert md5file.read_text() == boot + '%s  /var/run/config.check/atftpd\n' % digest
+    run_init(tmp_path, uci_section([('path', served)]), 'reload')
+    assert md5file.read_text().count('atftpd') == 1            # listed once
+    (tmp_path / 'etc' / 'config' / 'atftpd').write_text(
+        uci_section([('path', served), ('port', '1069')]))    # uci commit
+    assert reload_config(tmp_path, md5file) == ['atftpd']
+    assert reload_config(tmp_path, md5file) == []
+
+
+def test_no_checksum_file_is_left_alone(tmp_path, served):
+    run_init(tmp_path, uci_section([('path', served)]))
+    assert not (tmp_path / 'config.md5').exists()
+
+
+def test_the_server_logs_to_syslog_as_atftpd_at_each_lines_priority(monkeypatch):
+    """Without --logfile (as procd starts it) the server speaks syslog with
+    ident atftpd, facility daemon, and the line's own priority: logread
+    shows atftpd[pid] and daemon.warn, not python3[pid] at daemon.info."""
+    calls = []
+    monkeypatch.setattr(atftpd.syslog, 'openlog', lambda *args: calls.append(('open',) + args))
+    monkeypatch.setattr(atftpd.syslog, 'syslog', lambda *args: calls.append(('log',) + args))
+    log = atftpd.Log(atftpd.LOG_INFO)
+    log.warning('disk %s', 'full')
+    log.info('hello')
+    assert calls == [('open', 'atftpd', syslog.LOG_PID, syslog.LOG_DAEMON),
+                     ('log', syslog.LOG_WARNING, 'disk full'), ('log', syslog.LOG_INFO, 'hello')]
 
 
 # The feed Makefile ###########################################################
