@@ -98,6 +98,10 @@ RETRIES = 5                     # atftpd's NB_OF_RETRY
 # makes way for a new request when every slot is taken.
 UNVERIFIED_RETRIES = 1
 UNVERIFIED_GRACE = 1.0
+# Errors that say the server is short of something, not that a file is
+# missing or forbidden: such a request gets no answer, and its client asks again.
+OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+OUT_OF_RESOURCES = OUT_OF_DESCRIPTORS | {errno.EAGAIN, errno.ENOSPC, errno.EDQUOT}
 MAX_OPTION_DIGITS = 20          # longer numbers are garbage, not sizes
 # A window is read with one pread and sent as one burst; the kernel queues it
 # and a netascii source keeps it until it is acknowledged. Without a bound, a
@@ -545,7 +549,7 @@ def client_mac(address, arp='/proc/net/arp'):
     """The MAC address of an IPv4 client on a local link, spelled as dnsmasq
     does for tftp-unique-root (01-02-03-04-aa-bb), from the ARP table; None
     if it is not there (IPv6, a routed client, no such table)."""
-    host = address[7:] if address.startswith('::ffff:') else address
+    host = plain_peer((address, 0))[0]
     try:
         with open(arp) as f:
             lines = f.read().splitlines()[1:]
@@ -751,7 +755,7 @@ def open_source(path, root_real, require_world_readable):
             return None
         if exc.errno == errno.EACCES:
             raise PacketError(ERR_ACCESS, 'Access violation', 'permission denied')
-        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+        if exc.errno in OUT_OF_DESCRIPTORS:
             raise PacketError(None, None, 'dropped, the client may ask again: %s'
                               % os.strerror(exc.errno))
         raise PacketError(ERR_UNDEFINED, os.strerror(exc.errno))
@@ -875,6 +879,15 @@ class Transfer:
 
     def prepare_socket(self, sock):
         """Set socket options before the first send (MTFTP's multicast TTL)."""
+
+    def open_socket(self):
+        """This transfer's socket (its TID). Without one (EMFILE in a storm,
+        an exhausted --port-range) the request ends with no ERROR, which
+        clients take as final: unanswered, the client asks again."""
+        self.sock = self.server.open_transfer_socket(self)
+        if self.sock is None:
+            self.finish('dropped: no socket, the client may ask again')
+        return self.sock is not None
 
     # -- receiving --
 
@@ -1034,11 +1047,7 @@ class ReadTransfer(Transfer):
         self.source = source
         self.params = negotiate_options(self.request.options, True, source.size,
                                         self.server.limits)
-        self.sock = self.server.open_transfer_socket(self)
-        if self.sock is None:
-            # No descriptor (EMFILE in a storm): no ERROR, which clients take
-            # as final; unanswered, the client asks again.
-            self.finish('dropped: no socket, the client may ask again')
+        if not self.open_socket():
             return
         self.log_negotiation()
         if self.params.acked:
@@ -1219,8 +1228,7 @@ class WriteTransfer(Transfer):
             self.fd, self.temp_path = create_private_file(directory, '.%s.' % base[:64],
                                                           '.part')
         except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
-                # Short of descriptors, not of rights: no ERROR, the client asks again.
+            if exc.errno in OUT_OF_DESCRIPTORS:
                 self.finish('dropped: cannot create temporary file: %s' % exc.strerror)
                 return
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)    # blocks or inodes
@@ -1228,11 +1236,7 @@ class WriteTransfer(Transfer):
                                'cannot create temporary file: %s' % exc)
             return
         self.params = negotiate_options(self.request.options, False, None, self.server.limits)
-        self.sock = self.server.open_transfer_socket(self)
-        if self.sock is None:
-            # No descriptor (EMFILE in a storm): no ERROR, which clients take
-            # as final; unanswered, the client asks again.
-            self.finish('dropped: no socket, the client may ask again')
+        if not self.open_socket():
             return
         self.log_negotiation()
         self.state = RECEIVING
@@ -1520,9 +1524,6 @@ CACHE_PER_CLIENT = 16
 CACHE_ENTRIES = 1024            # "not found" results hold no descriptor
 CACHE_DESCRIPTORS = 64
 CACHE_BYTES = 64 << 20
-# Errors that say the server is short of something, not that a file is missing.
-OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOSPC,
-                    errno.EDQUOT}
 
 
 def oldest_of_heaviest(keys):
@@ -2834,9 +2835,7 @@ class Server:
         """<root>/<client ip> or <root>/<client mac>, if that directory exists."""
         if self.config.unique_root is None:
             return None
-        address = peer[0].partition('%')[0]
-        if address.startswith('::ffff:') and '.' in address:
-            address = address[7:]
+        address = peer[0].partition('%')[0]      # peers are plain already (plain_peer)
         key = address if self.config.unique_root == 'ip' else client_mac(address)
         if not key:
             return None
@@ -3092,9 +3091,7 @@ def parse_network(text):
 def address_value(address):
     """(width, integer) of a client address; an IPv4-mapped IPv6 address
     (a dual-stack socket's view of an IPv4 client) counts as IPv4."""
-    host = address.partition('%')[0]
-    if host.startswith('::ffff:') and '.' in host:
-        host = host[7:]
+    host = plain_peer((address.partition('%')[0], 0))[0]
     family, width = (socket.AF_INET6, 128) if ':' in host else (socket.AF_INET, 32)
     return width, int.from_bytes(socket.inet_pton(family, host), 'big')
 
@@ -3106,6 +3103,8 @@ def in_networks(address, networks):
 
 def client_allowed(config, address):
     """--allow (if given) must match, and no --deny may."""
+    if not (config.allow or config.deny):
+        return True
     if config.allow and not in_networks(address, config.allow):
         return False
     return not in_networks(address, config.deny)
@@ -3627,6 +3626,14 @@ def start_warnings(config):
     return warnings
 
 
+def tell_at_start(config, text):
+    """Also on stderr, for whoever started a daemon (a shell, an init
+    script), unless the log is stdout already; in inetd mode stderr may be
+    the socket."""
+    if config.daemon and config.logfile != '-':
+        print('atftpd.py: %s' % text, file=sys.stderr)
+
+
 def pcre_test(substitutions, lines, out):
     """--pcre-test: what the pattern file makes of each name, until an
     empty line or the end of input (atftpd's output format)."""
@@ -3680,13 +3687,11 @@ def main(argv=None):
         listeners = [listener]
     for warning in start_warnings(config):
         log.warning('%s', warning)
-        if config.daemon and config.logfile != '-':
-            print('atftpd.py: warning: %s' % warning, file=sys.stderr)
+        tell_at_start(config, 'warning: ' + warning)
     problem = problem_as_service_user(config)
     if problem:
         log.error('not started: %s', problem)
-        if config.daemon and config.logfile != '-':
-            print('atftpd.py: %s' % problem, file=sys.stderr)
+        tell_at_start(config, problem)
         return 2
     return run(config, log, listeners)
 
